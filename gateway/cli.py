@@ -1,0 +1,74 @@
+"""`vllm-gateway`: serve | engine | http.
+
+- `serve`: engine(s) and the HTTP gateway as separate processes, in one command.
+- `engine`: one engine process alone (for supervisord/systemd).
+- `http`: the HTTP gateway alone, in front of engines started elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from protocol.endpoints import parse_endpoints
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _http_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    return p
+
+
+def http_main(argv: list[str]) -> int:
+    from gateway.config import GatewaySettings
+    from gateway.http_server import serve
+
+    p = _http_parser("vllm-gateway http")
+    p.add_argument("--engine-endpoints", default=os.environ.get("ENGINE_ENDPOINTS"),
+                   help="comma-separated ZeroMQ endpoints of the engines")
+    ns = p.parse_args(argv)
+    settings = dataclasses.replace(
+        GatewaySettings.from_env(), host=ns.host, port=ns.port,
+        engine_endpoints=parse_endpoints(ns.engine_endpoints),
+    )
+    serve(settings)
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    from gateway.launcher import launch
+
+    p = _http_parser("vllm-gateway serve")
+    ns, engine_argv = p.parse_known_args(argv)
+    return launch(ns.host, ns.port, engine_argv)
+
+
+def engine_main(argv: list[str]) -> int:
+    from engine.main import main  # the only place the gateway CLI reaches vLLM
+
+    return main(argv)
+
+
+COMMANDS = {"serve": serve_main, "engine": engine_main, "http": http_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        print("\nusage: vllm-gateway {serve,engine,http} [options]   (--help on each)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    return COMMANDS[argv[0]](argv[1:])

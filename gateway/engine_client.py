@@ -1,0 +1,251 @@
+"""The gateway's side of the engine protocol: sockets, routing, request streams.
+
+One DEALER socket per engine. A heartbeat (`Hello`) goes to every engine every
+`HEARTBEAT_S`; the `EngineStatus` replies say which engines are ready and how
+loaded they are. New requests go to the least-loaded ready engine. An engine that
+stops answering, or answers as a new instance (it was restarted), fails all the
+requests it had in flight with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+
+import zmq
+import zmq.asyncio
+
+from protocol.messages import (
+    Abort,
+    Delta,
+    EngineStatus,
+    Generate,
+    Hello,
+    Outputs,
+    RequestFailed,
+    decode_engine_message,
+    encode,
+)
+
+log = logging.getLogger("gateway.engines")
+
+HEARTBEAT_S = 0.5
+# An engine silent for this long is considered gone.
+ENGINE_TIMEOUT_S = float(os.environ.get("ENGINE_TIMEOUT_S", "5"))
+
+
+class RequestStream:
+    """What one client request receives from its engine request(s).
+
+    `next()` returns every delta that arrived since the last call (so a slow
+    consumer catches up in one go), or raises the request's failure."""
+
+    __slots__ = ("request_ids", "engine", "_items", "_waiter", "failure", "_open")
+
+    def __init__(self, request_ids: list[str], engine: "EngineConnection") -> None:
+        self.request_ids = request_ids
+        self.engine = engine
+        self._items: list[Delta] = []
+        self._waiter: asyncio.Future | None = None
+        self.failure: RequestFailed | None = None
+        self._open = len(request_ids)  # engine requests not yet finished
+
+    def push(self, delta: Delta) -> None:
+        self._items.append(delta)
+        self._wake()
+
+    def fail(self, failure: RequestFailed) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self) -> list[Delta]:
+        while not self._items:
+            if self.failure is not None:
+                raise StreamFailed(self.failure)
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
+class StreamFailed(Exception):
+    def __init__(self, failure: RequestFailed) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class EngineConnection:
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context) -> None:
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.status: EngineStatus | None = None
+        self.last_seen = 0.0
+        self.streams: dict[str, RequestStream] = {}
+        # Requests sent since the engine's last report: counted in routing so a
+        # burst spreads over engines before their reports catch up.
+        self.unreported = 0
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.status is not None
+            and self.status.state == "ready"
+            and time.monotonic() - self.last_seen < ENGINE_TIMEOUT_S
+        )
+
+    @property
+    def load(self) -> float:
+        s = self.status
+        assert s is not None
+        return s.running + s.waiting + self.unreported + s.kv_cache_usage
+
+    def send(self, msg: object) -> None:
+        self.sock.send(encode(msg), copy=False)
+
+
+class EngineClient:
+    def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None) -> None:
+        self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ctx = zmq.asyncio.Context()
+        self.engines = [EngineConnection(ep, self.ctx) for ep in endpoints]
+        if not self.engines:
+            raise ValueError("no engine endpoints given")
+        self._tasks: list[asyncio.Task] = []
+        self._ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._recv_loop(e)) for e in self.engines]
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for e in self.engines:
+            for s in list(e.streams.values()):
+                s.fail(RequestFailed("", 503, "the gateway is shutting down", "engine_unavailable"))
+            e.sock.close(0)
+        self.ctx.term()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # --------------------------------------------------------------------- status
+
+    @property
+    def ready(self) -> bool:
+        return any(e.ready for e in self.engines)
+
+    def ready_status(self) -> EngineStatus | None:
+        for e in self.engines:
+            if e.ready:
+                return e.status
+        return None
+
+    # ------------------------------------------------------------------- requests
+
+    def submit(self, requests: list[Generate]) -> RequestStream:
+        """Send these requests (the prompts of one client request) to one engine."""
+        engine = self._pick()
+        if engine is None:
+            raise NoEngine()
+        stream = RequestStream([r.request_id for r in requests], engine)
+        for r in requests:
+            engine.streams[r.request_id] = stream
+            engine.send(r)
+        engine.unreported += len(requests)
+        return stream
+
+    def close(self, stream: RequestStream, *, abort: bool) -> None:
+        """Forget a client request; with `abort`, also free its engine slots now
+        (the client went away, or the request failed part way)."""
+        live = [rid for rid in stream.request_ids if stream.engine.streams.pop(rid, None) is not None]
+        if live and abort:
+            stream.engine.send(Abort(live))
+
+    def _pick(self) -> EngineConnection | None:
+        ready = [e for e in self.engines if e.ready]
+        if not ready:
+            return None
+        return min(ready, key=lambda e: e.load)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _recv_loop(self, engine: EngineConnection) -> None:
+        while True:
+            payload = await engine.sock.recv(copy=False)
+            try:
+                msg = decode_engine_message(payload.buffer)
+            except Exception as e:
+                log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
+                continue
+            if isinstance(msg, Outputs):
+                self._dispatch(engine, msg.deltas)
+            elif isinstance(msg, EngineStatus):
+                self._on_status(engine, msg)
+            elif isinstance(msg, RequestFailed):
+                stream = engine.streams.pop(msg.request_id, None)
+                if stream is not None:
+                    stream.fail(msg)
+
+    def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
+        streams = engine.streams
+        for d in deltas:
+            stream = streams.get(d.request_id)
+            if stream is None:
+                continue  # aborted by us; late output
+            stream.push(d)
+
+    def _on_status(self, engine: EngineConnection, status: EngineStatus) -> None:
+        previous = engine.status
+        if previous is not None and previous.instance != status.instance:
+            self._fail_all(engine, "the engine restarted; the request was lost")
+        if status.state != "ready" and engine.streams:
+            self._fail_all(engine, f"the engine is {status.state}")
+        if previous is None or previous.state != status.state or previous.instance != status.instance:
+            log.info("engine %s at %s is %s (model %s)", status.engine_id, engine.endpoint, status.state, status.model)
+        engine.status = status
+        engine.last_seen = time.monotonic()
+        engine.unreported = 0
+        if status.state == "ready":
+            self._ready.set()
+
+    def _fail_all(self, engine: EngineConnection, why: str) -> None:
+        streams, engine.streams = engine.streams, {}
+        for rid, stream in streams.items():
+            stream.fail(RequestFailed(rid, 503, why, "engine_unavailable"))
+
+    async def _heartbeat_loop(self) -> None:
+        hello = Hello(self.gateway_id)
+        while True:
+            now = time.monotonic()
+            for e in self.engines:
+                if e.status is not None and e.streams and now - e.last_seen > ENGINE_TIMEOUT_S:
+                    log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint, len(e.streams))
+                    self._fail_all(e, "the engine stopped answering")
+                e.send(hello)
+            await asyncio.sleep(HEARTBEAT_S)
+
+
+class NoEngine(Exception):
+    """No engine is ready to take a request."""

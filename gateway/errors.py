@@ -1,0 +1,64 @@
+"""OpenAI error objects: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from protocol.openai import ErrorInfo, ErrorResponse, json_encode
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI error object with this HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> bytes:
+        return json_encode(self.response())
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(ErrorInfo(self.message, self.type, self.param, self.code))
+
+    def sse_event(self) -> bytes:
+        return b"data: " + self.body() + b"\n\n"
+
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: str = "request") -> APIError:
+    """A 400 naming the offending field, from msgspec's message
+    (`Expected int >= 1 - at $.n` -> param "n")."""
+    text = str(err)
+    if isinstance(err, msgspec.ValidationError):
+        m = _PATH.search(text)
+        param = m.group(1) if m else None
+        return APIError(400, f"invalid {what}: {text}", param=param or None)
+    return APIError(400, f"malformed JSON body: {text}")

@@ -1,0 +1,143 @@
+"""OpenAI requests -> engine `Generate` messages, with the cross-field checks
+msgspec's per-field types cannot express. Every rejection names its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import APIError
+from protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
+from protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_PROMPTS_PER_REQUEST = 256
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(
+            404, f"The model `{requested}` does not exist. This server serves `{served}`.",
+            param="model", code="model_not_found",
+        )
+
+
+def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    if req.use_beam_search:
+        raise APIError(400, "beam search is not supported by the installed vLLM engine", param="use_beam_search")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of ({req.best_of}) must equal n ({req.n}): vLLM V1 has no best-of sampling", param="best_of")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(s == "" for s in stop):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    logit_bias = None
+    if req.logit_bias:
+        try:
+            logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+    top_k = req.top_k if req.top_k is not None else 0
+    return SamplingParams(
+        n=req.n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if top_k == -1 else top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logit_bias=logit_bias,
+    )
+
+
+def _message_text(content: Any, i: int) -> str | None:
+    """Flatten OpenAI content parts to the text the chat template expects."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {kind!r}", param=f"messages[{i}].content")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(400, f"messages[{i}].content must be a string or a list of content parts", param=f"messages[{i}].content")
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise APIError(400, f"messages[{i}].role must be a non-empty string", param=f"messages[{i}].role")
+        msg = dict(m)
+        msg["content"] = _message_text(m.get("content"), i)
+        out.append(msg)
+    return out
+
+
+def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than text is not supported yet", param="response_format")
+    if req.tools and req.tool_choice != "none":
+        raise APIError(400, "tool calling is not supported yet", param="tools")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    prompt = ChatPrompt(
+        messages=chat_messages(req.messages),
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        chat_template_kwargs=req.chat_template_kwargs,
+    )
+    return Generate(request_id, prompt, _sampling(req, max_tokens, logprobs, None))
+
+
+def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
+    """`prompt` may be a string, a list of strings, a list of token ids or a list
+    of lists of token ids."""
+    if isinstance(prompt, str):
+        prompts: list[Prompt] = [TextPrompt(prompt, add_special_tokens)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [TextPrompt(p, add_special_tokens) for p in prompt]
+    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [TokensPrompt(list(prompt))]
+    elif prompt and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        prompts = [TokensPrompt(list(p)) for p in prompt]
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids", param="prompt")
+    if any(isinstance(p, TextPrompt) and p.text == "" for p in prompts):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
+    return prompts
+
+
+def completion_generates(req: CompletionRequest, request_id: str) -> list[Generate]:
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    prompt_logprobs = req.logprobs if (req.echo and req.logprobs is not None) else None
+    params = _sampling(req, max_tokens, req.logprobs, prompt_logprobs)
+    prompts = completion_prompts(req.prompt, req.add_special_tokens)
+    if len(prompts) == 1:
+        return [Generate(request_id, prompts[0], params, return_prompt=req.echo)]
+    return [Generate(f"{request_id}-{i}", p, params, return_prompt=req.echo) for i, p in enumerate(prompts)]

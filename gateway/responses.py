@@ -1,0 +1,249 @@
+"""Engine deltas -> OpenAI objects: streaming chunks and whole responses.
+
+`ChatFormatter` and `CompletionFormatter` keep the per-choice state of one client
+request (token counts, echoed prompts, text offsets) and turn each batch of deltas
+into chunk objects; the same objects are sent as SSE by the HTTP server and as job
+output by the RunPod handler. One chunk per choice per batch: a consumer that falls
+behind gets the tokens it missed merged, not one event per token.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from protocol.messages import Delta, TokenLogprob
+from protocol.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+    json_encode,
+)
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: object) -> bytes:
+    return b"data: " + json_encode(obj) + b"\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def merge(deltas: list[Delta]) -> list[Delta]:
+    """One delta per (request, choice), in order of first appearance."""
+    if len(deltas) < 2:
+        return deltas
+    by_key: dict[tuple[str, int], Delta] = {}
+    for d in deltas:
+        key = (d.request_id, d.index)
+        prev = by_key.get(key)
+        if prev is None:
+            by_key[key] = d
+            continue
+        logprobs = prev.logprobs
+        if d.logprobs is not None:
+            logprobs = (logprobs or []) + d.logprobs
+        by_key[key] = Delta(
+            d.request_id, d.index, prev.text + d.text, prev.token_ids + d.token_ids,
+            d.num_prompt_tokens, d.finish_reason, d.stop_reason, logprobs,
+            prev.prompt_text, prev.prompt_token_ids, prev.prompt_logprobs,
+        )
+    return list(by_key.values())
+
+
+class _Book:
+    """Accounting shared by both formatters."""
+
+    def __init__(self, request_ids: list[str], n: int, model: str, prefix: str) -> None:
+        self.id = new_id(prefix)
+        self.created = int(time.time())
+        self.model = model
+        self.n = n
+        self.base = {rid: i * n for i, rid in enumerate(request_ids)}
+        self.total_choices = n * len(request_ids)
+        self.prompt_tokens: dict[str, int] = {}
+        self.completion_tokens = 0
+        self.finished = 0
+        self.seen: set[int] = set()
+
+    def account(self, d: Delta) -> tuple[int, bool]:
+        """Global choice index of `d`, and whether this is the choice's first delta."""
+        idx = self.base[d.request_id] + d.index
+        self.prompt_tokens[d.request_id] = d.num_prompt_tokens
+        self.completion_tokens += len(d.token_ids)
+        if d.finish_reason is not None:
+            self.finished += 1
+        first = idx not in self.seen
+        if first:
+            self.seen.add(idx)
+        return idx, first
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.total_choices
+
+    def usage(self) -> Usage:
+        p = sum(self.prompt_tokens.values())
+        return Usage(p, self.completion_tokens, p + self.completion_tokens)
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="surrogatepass"))
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs([
+        ChatTokenLogprob(
+            lp.token, lp.logprob, _utf8(lp.token),
+            [TopLogprob(t, max(v, -9999.0), _utf8(t)) for t, v, _ in lp.top],
+        )
+        for lp in items
+    ])
+
+
+class ChatFormatter:
+    def __init__(self, request_id: str, n: int, model: str, role: str, *, continuous_usage: bool = False) -> None:
+        self.book = _Book([request_id], n, model, "chatcmpl")
+        self.role = role
+        self.continuous_usage = continuous_usage
+        # Non-streaming accumulation.
+        self.texts = [""] * n
+        self.logprobs: list[list[ChatTokenLogprob] | None] = [None] * n
+        self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * n
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        b = self.book
+        return ChatCompletionChunk(b.id, b.created, b.model, choices, usage=usage)
+
+    def role_chunk(self) -> ChatCompletionChunk:
+        """The first chunk of a stream: the role of every choice."""
+        return self._chunk([ChatChunkChoice(i, ChatDelta(role=self.role, content="")) for i in range(self.book.n)])
+
+    def chunks(self, deltas: list[Delta]) -> list[ChatCompletionChunk]:
+        out = []
+        for d in merge(deltas):
+            idx, _ = self.book.account(d)
+            lp = chat_logprobs(d.logprobs) if d.logprobs is not None else None
+            choice = ChatChunkChoice(idx, ChatDelta(content=d.text), lp, d.finish_reason, d.stop_reason)
+            out.append(self._chunk([choice], self.book.usage() if self.continuous_usage else None))
+        return out
+
+    def usage_chunk(self) -> ChatCompletionChunk:
+        return self._chunk([], self.book.usage())
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            idx, _ = self.book.account(d)
+            self.texts[idx] += d.text
+            if d.logprobs is not None:
+                self.logprobs[idx] = (self.logprobs[idx] or []) + chat_logprobs(d.logprobs).content
+            if d.finish_reason is not None:
+                self.finish[idx] = (d.finish_reason, d.stop_reason)
+
+    def response(self) -> ChatCompletion:
+        b = self.book
+        choices = [
+            ChatChoice(
+                i, ChatMessage(self.role, self.texts[i]),
+                ChatLogprobs(self.logprobs[i]) if self.logprobs[i] is not None else None,
+                self.finish[i][0], self.finish[i][1],
+            )
+            for i in range(b.n)
+        ]
+        return ChatCompletion(b.id, b.created, b.model, choices, b.usage())
+
+
+class CompletionFormatter:
+    def __init__(self, request_ids: list[str], n: int, model: str, *, echo: bool, continuous_usage: bool = False) -> None:
+        self.book = _Book(request_ids, n, model, "cmpl")
+        self.echo = echo
+        self.continuous_usage = continuous_usage
+        self.prompt_text: dict[str, str] = {}
+        self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
+        total = self.book.total_choices
+        self.offsets = [0] * total  # characters of text so far, per choice
+        self.texts = [""] * total
+        self.logprobs: list[CompletionLogprobs | None] = [None] * total
+        self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * total
+
+    def _piece(self, d: Delta) -> tuple[int, str, CompletionLogprobs | None]:
+        """Global index, text and logprobs of one delta, with the echoed prompt
+        in front of a choice's first delta."""
+        if d.prompt_text is not None:
+            self.prompt_text[d.request_id] = d.prompt_text
+            if d.prompt_logprobs is not None:
+                self.prompt_logprobs[d.request_id] = d.prompt_logprobs
+        idx, first = self.book.account(d)
+        text = d.text
+        items: list[TokenLogprob | None] | None = list(d.logprobs) if d.logprobs is not None else None
+        if first and self.echo:
+            text = self.prompt_text.get(d.request_id, "") + text
+            if items is not None:
+                items = self.prompt_logprobs.get(d.request_id, []) + items
+        lp = None
+        if items is not None:
+            lp = CompletionLogprobs([], [], [], [])
+            offset = self.offsets[idx]
+            for item in items:
+                if item is None:  # the first prompt token has no logprob
+                    lp.tokens.append("")
+                    lp.token_logprobs.append(None)
+                    lp.top_logprobs.append(None)
+                    lp.text_offset.append(offset)
+                    continue
+                lp.tokens.append(item.token)
+                lp.token_logprobs.append(None if item.logprob is None else max(item.logprob, -9999.0))
+                lp.top_logprobs.append({t: max(v, -9999.0) for t, v, _ in item.top})
+                lp.text_offset.append(offset)
+                offset += len(item.token)
+        self.offsets[idx] += len(text)
+        return idx, text, lp
+
+    def chunks(self, deltas: list[Delta]) -> list[Completion]:
+        b = self.book
+        out = []
+        for d in merge(deltas):
+            idx, text, lp = self._piece(d)
+            choice = CompletionChoice(idx, text, lp, d.finish_reason, d.stop_reason)
+            out.append(Completion(b.id, b.created, b.model, [choice], usage=b.usage() if self.continuous_usage else None))
+        return out
+
+    def usage_chunk(self) -> Completion:
+        b = self.book
+        return Completion(b.id, b.created, b.model, [], usage=b.usage())
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            idx, text, lp = self._piece(d)
+            self.texts[idx] += text
+            if lp is not None:
+                prev = self.logprobs[idx]
+                if prev is None:
+                    self.logprobs[idx] = lp
+                else:
+                    prev.tokens += lp.tokens
+                    prev.token_logprobs += lp.token_logprobs
+                    prev.top_logprobs += lp.top_logprobs
+                    prev.text_offset += lp.text_offset
+            if d.finish_reason is not None:
+                self.finish[idx] = (d.finish_reason, d.stop_reason)
+
+    def response(self) -> Completion:
+        b = self.book
+        choices = [
+            CompletionChoice(i, self.texts[i], self.logprobs[i], self.finish[i][0], self.finish[i][1])
+            for i in range(b.total_choices)
+        ]
+        return Completion(b.id, b.created, b.model, choices, usage=b.usage())

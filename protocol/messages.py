@@ -1,0 +1,183 @@
+"""Messages between gateway and engine, and their msgpack codec.
+
+One engine binds a ZeroMQ ROUTER; every gateway connects a DEALER to it. Each frame
+is one msgpack-encoded message from the unions below; the tag (first array element
+or `"type"` key) tells which. Hot messages (`Generate`, `Outputs`, `Delta`) are
+`array_like` so the wire carries no field names. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+
+# --------------------------------------------------------------------------- prompt
+
+
+class TextPrompt(msgspec.Struct, tag="text", array_like=True, omit_defaults=True):
+    """Raw text, tokenized by the engine with the model's tokenizer."""
+
+    text: str
+    add_special_tokens: bool = True
+
+
+class TokensPrompt(msgspec.Struct, tag="tokens", array_like=True):
+    """Token ids given by the client, used as they are."""
+
+    token_ids: list[int]
+
+
+class ChatPrompt(msgspec.Struct, tag="chat", array_like=True, omit_defaults=True):
+    """OpenAI chat messages; the engine renders them with the chat template."""
+
+    # Each message is passed to the chat template as it is (role, content, name,
+    # tool_calls, ...); content parts are already flattened to text by the gateway.
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+Prompt = Union[TextPrompt, TokensPrompt, ChatPrompt]
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    """What vLLM's SamplingParams needs, already validated by the gateway.
+
+    `max_tokens=None` means "up to the context length", decided by the engine
+    once it knows the prompt's length.
+    """
+
+    n: int = 1
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+
+
+# ------------------------------------------------------------- gateway -> engine
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """Sent on connect and then periodically: a heartbeat the engine answers
+    with its `EngineStatus`. `gateway_id` names the sender in the engine's logs."""
+
+    gateway_id: str
+
+
+class Generate(msgspec.Struct, tag="gen", array_like=True, omit_defaults=True):
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    # Ask the engine to send back the prompt's text (for completions' `echo`).
+    return_prompt: bool = False
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True):
+    """Stop these requests now and free their slots; no reply is sent."""
+
+    request_ids: list[str]
+
+
+GatewayMessage = Union[Hello, Generate, Abort]
+
+
+# ------------------------------------------------------------- engine -> gateway
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    token: str
+    logprob: float | None  # None only for a prompt's first token, which has none
+    # The most likely alternatives at this position: (token, logprob, token_id).
+    top: list[tuple[str, float, int]] = []
+
+
+class Delta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New output of one choice (`index`) of one request since the last delta."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    finish_reason: str | None = None
+    # The stop string or stop token id that ended the choice, if any.
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # Only on a request's first delta, and only when asked for.
+    prompt_text: str | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+class Outputs(msgspec.Struct, tag="out", array_like=True):
+    """The deltas of all of one gateway's requests from one engine step."""
+
+    deltas: list[Delta]
+
+
+ErrorType = Literal[
+    "invalid_request_error", "not_found_error", "server_error", "engine_unavailable"
+]
+
+
+class RequestFailed(msgspec.Struct, tag="fail", array_like=True, omit_defaults=True):
+    """The request ended with an error; no more deltas follow for it."""
+
+    request_id: str
+    status: int  # the HTTP status this maps to: 400 for bad input, 500, 503
+    message: str
+    error_type: str = "invalid_request_error"
+    param: str | None = None
+
+
+EngineState = Literal["loading", "ready", "failed", "stopping"]
+
+
+class EngineStatus(msgspec.Struct, tag="status", array_like=True):
+    """The engine's answer to `Hello`; also its load report."""
+
+    engine_id: str
+    # Random per engine process: a new value means the engine was restarted and
+    # knows nothing of requests sent to its previous life.
+    instance: str
+    state: EngineState
+    model: str = ""
+    max_model_len: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    error: str = ""
+
+
+EngineMessage = Union[Outputs, RequestFailed, EngineStatus]
+
+
+# --------------------------------------------------------------------------- codec
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+"""Encode any message of this module to bytes."""
+
+decode_gateway_message = msgspec.msgpack.Decoder(GatewayMessage).decode
+"""Decode what a gateway sent (used by the engine)."""
+
+decode_engine_message = msgspec.msgpack.Decoder(EngineMessage).decode
+"""Decode what an engine sent (used by the gateway)."""

@@ -1,0 +1,221 @@
+"""OpenAI HTTP bodies: the requests the gateway accepts and the objects it returns.
+
+Requests are decoded and type-checked by msgspec straight from the HTTP body, so a
+wrong type or an out-of-range value comes back as an error naming the field
+(`Expected int >= 1 - at $.n`). Cross-field rules live in `gateway/requests.py`.
+Unknown fields are ignored, as OpenAI and vLLM do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+# ------------------------------------------------------------------ shared pieces
+
+NonNegFloat = Annotated[float, Meta(ge=0.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+ChoiceCount = Annotated[int, Meta(ge=1, le=128)]
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(Struct, kw_only=True):
+    """Sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
+
+    model: str | None = None
+    n: ChoiceCount = 1
+    best_of: PositiveInt | None = None
+    temperature: NonNegFloat | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    length_penalty: float = 1.0
+    use_beam_search: bool = False
+    early_stopping: bool | str = False
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: NonNegInt = 0
+    max_tokens: PositiveInt | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+# ----------------------------------------------------------------------- requests
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+# str | list[str] | list[int] | list[list[int]]: msgspec cannot tell list types
+# apart in a union, so the list's items are checked in gateway/requests.py.
+CompletionPrompt = Union[str, list[Any]]
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    prompt: CompletionPrompt
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: TopLogprobs | None = None
+    add_special_tokens: bool = True
+
+
+# ---------------------------------------------------------------------- responses
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class ChatMessage(Struct, omit_defaults=True):
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: str = "text_completion"
+    usage: Usage | None = None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str = "vllm-gateway"
+    max_model_len: int | None = None
+    object: str = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorInfo(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: int | str | None
+
+
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+json_encode = msgspec.json.Encoder().encode
+decode_chat_request = msgspec.json.Decoder(ChatCompletionRequest).decode
+decode_completion_request = msgspec.json.Decoder(CompletionRequest).decode
+
+
+def chat_request_from_dict(obj: Any) -> ChatCompletionRequest:
+    """For inputs that arrive already parsed (RunPod jobs)."""
+    return msgspec.convert(obj, ChatCompletionRequest)
+
+
+def completion_request_from_dict(obj: Any) -> CompletionRequest:
+    return msgspec.convert(obj, CompletionRequest)
