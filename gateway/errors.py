@@ -51,6 +51,7 @@ class APIError(Exception):
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
 def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: str = "request") -> APIError:
@@ -59,6 +60,9 @@ def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: st
     text = str(err)
     if isinstance(err, msgspec.ValidationError):
         m = _PATH.search(text)
-        param = m.group(1) if m else None
+        param = m.group(1) if m else ""
+        missing = _MISSING.search(text)
+        if missing:
+            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
         return APIError(400, f"invalid {what}: {text}", param=param or None)
     return APIError(400, f"malformed JSON body: {text}")

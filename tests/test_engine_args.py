@@ -1,0 +1,55 @@
+"""Unit: engine settings from the environment of RunPod's worker-vllm, flags on top."""
+
+import logging
+
+import pytest
+
+from engine.args import apply_platform_defaults, collect, engine_kwargs, redacted
+
+SUPPORTED = {"model", "revision", "max_model_len", "dtype", "enforce_eager", "tensor_parallel_size",
+             "max_num_seqs", "trust_remote_code", "hf_token", "download_dir", "enable_log_requests",
+             "gpu_memory_utilization", "tokenizer", "seed"}
+
+
+def test_env_then_cli_override():
+    env = {"MODEL_NAME": "org/m", "MAX_MODEL_LEN": "4096", "TRUST_REMOTE_CODE": "1", "DTYPE": "half",
+           "TENSOR_PARALLEL_SIZE": "2", "MAX_NUM_SEQS": "64", "SEED": "5", "TOKENIZER_NAME": "org/t"}
+    s = collect(env, {"MAX_MODEL_LEN": "1024", "DTYPE": None})
+    kw = engine_kwargs(s, SUPPORTED)
+    assert kw["model"] == "org/m" and kw["max_model_len"] == 1024 and kw["dtype"] == "half"
+    assert kw["trust_remote_code"] is True and kw["tensor_parallel_size"] == 2 and kw["max_num_seqs"] == 64
+    assert kw["tokenizer"] == "org/t" and kw["seed"] == 5
+    assert kw["disable_log_stats"] is True and kw["enable_log_requests"] is False
+
+
+def test_bad_value_names_the_variable():
+    with pytest.raises(ValueError, match="MAX_MODEL_LEN"):
+        collect({"MAX_MODEL_LEN": "lots"})
+    with pytest.raises(ValueError, match="ENFORCE_EAGER"):
+        collect({"ENFORCE_EAGER": "maybe"})
+
+
+def test_setting_vllm_dropped_is_logged_not_fatal(caplog):
+    s = collect({"SWAP_SPACE": "4", "MAX_CONTEXT_LEN_TO_CAPTURE": "8192", "MODEL_NAME": "m"})
+    with caplog.at_level(logging.WARNING):
+        kw = engine_kwargs(s, SUPPORTED)
+    assert "swap_space" not in kw and kw["model"] == "m"
+    assert "SWAP_SPACE" in caplog.text and "MAX_CONTEXT_LEN_TO_CAPTURE" in caplog.text
+
+
+def test_base_path_and_token_never_logged():
+    kw = engine_kwargs(collect({"BASE_PATH": "/vol", "HF_TOKEN": "hf_secret"}), SUPPORTED)
+    assert kw["download_dir"] == "/vol/huggingface-cache/hub"
+    assert "hf_secret" not in repr(redacted(kw))
+
+
+def test_cpu_defaults():
+    settings, env = {}, {}
+    apply_platform_defaults(settings, env, on_gpu=False, cpu_has_bf16=False)
+    assert settings == {"ENFORCE_EAGER": True, "DTYPE": "float32"} and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    settings, env = {"DTYPE": "bfloat16", "ENFORCE_EAGER": False}, {}
+    apply_platform_defaults(settings, env, on_gpu=False, cpu_has_bf16=False)
+    assert settings["DTYPE"] == "bfloat16" and settings["ENFORCE_EAGER"] is False
+    settings, env = {}, {}
+    apply_platform_defaults(settings, env, on_gpu=True, cpu_has_bf16=False)
+    assert settings == {} and env == {}
