@@ -1,0 +1,66 @@
+"""Integration: engine slots are freed when clients leave; `vllm-gateway serve`
+starts, serves and stops cleanly."""
+
+import signal
+import time
+
+import httpx
+import openai
+import zmq
+
+from conftest import MODEL, Proc, child_env, free_port, wait_healthy
+from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
+
+
+def engine_running(endpoint: str) -> int:
+    """Ask the engine itself (over the protocol) how many requests it runs."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(encode(Hello("test-probe")))
+        assert sock.poll(5000), "engine did not answer"
+        msg = decode_engine_message(sock.recv())
+        assert isinstance(msg, EngineStatus)
+        return msg.running + msg.waiting
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def wait_idle(endpoint: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine_running(endpoint) == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_client_disconnect_mid_stream_frees_engine(gateway_url, engine_endpoint):
+    endpoint, _ = engine_endpoint
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", gateway_url + "/v1/completions", json=body) as r:
+            it = r.iter_lines()
+            got = [line for _, line in zip(range(6), it) if line]
+            assert got and got[0].startswith("data: ")
+            assert engine_running(endpoint) >= 1
+    assert wait_idle(endpoint), "engine still running the abandoned request"
+
+
+def test_serve_command_end_to_end(run_dir):
+    port = free_port()
+    proc = Proc("serve", ["gateway", "serve", "--port", str(port)], child_env(), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc], 600)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+        assert r.usage.completion_tokens > 0
+        log = proc.log_path.read_text()
+        assert f"OpenAI API at {url}/v1" in log
+    finally:
+        code = proc.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, proc.tail()
