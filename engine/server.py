@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.inputs import TokensPrompt as VllmTokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -242,10 +243,7 @@ class EngineServer:
         try:
             prompt_ids, prompt_text = await self._render(req)
             max_tokens = self._max_tokens(len(prompt_ids), req.params.max_tokens)
-            try:
-                params = convert.sampling_params(req.params, max_tokens)
-            except (ValueError, TypeError) as e:
-                raise BadRequest(str(e)) from None
+            params = convert.sampling_params(req.params, max_tokens)
             k = req.params.logprobs or 0
             want_logprobs = req.params.logprobs is not None
             first = True
@@ -280,8 +278,10 @@ class EngineServer:
         except EngineDeadError:
             self._send(ident, RequestFailed(rid, 503, "the engine died; retry the request", "engine_unavailable"))
             self._stopping.set()
-        except ValueError as e:  # vLLM's own input validation
-            self._send(ident, RequestFailed(rid, 400, str(e)))
+        except (VLLMClientError, ValueError, TypeError) as e:  # vLLM's own validation
+            self._send(ident, RequestFailed(rid, 400, str(e), param=getattr(e, "parameter", None)))
+        except GracefulHTTPError as e:  # e.g. vLLM's admission control
+            self._send(ident, RequestFailed(rid, int(e.http_status), e.message, "server_error"))
         except Exception as e:
             log.exception("request %s failed", rid)
             cause = e.__cause__ if e.__cause__ is not None else e

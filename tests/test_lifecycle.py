@@ -6,6 +6,7 @@ import time
 
 import httpx
 import openai
+import pytest
 import zmq
 
 from conftest import MODEL, Proc, child_env, free_port, wait_healthy
@@ -51,14 +52,23 @@ def test_client_disconnect_mid_stream_frees_engine(gateway_url, engine_endpoint)
 
 
 def test_serve_command_end_to_end(run_dir):
+    """`vllm-gateway serve` with worker-vllm's naming settings: served-name override,
+    response role and a custom chat template (which drops SmolLM2's long system prompt)."""
     port = free_port()
-    proc = Proc("serve", ["gateway", "serve", "--port", str(port)], child_env(), run_dir)
+    env = child_env(OPENAI_SERVED_MODEL_NAME_OVERRIDE="smol-test", OPENAI_RESPONSE_ROLE="bot",
+                    CUSTOM_CHAT_TEMPLATE="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    proc = Proc("serve", ["gateway", "serve", "--port", str(port), "--max-model-len", "1024"], env, run_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], 600)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
-        assert r.usage.completion_tokens > 0
+        models = c.models.list().data
+        assert [m.id for m in models] == ["smol-test"] and models[0].max_model_len == 1024
+        r = c.chat.completions.create(model="smol-test", messages=[{"role": "user", "content": "Hi there"}], max_tokens=5)
+        assert r.usage.completion_tokens > 0 and r.choices[0].message.role == "bot"
+        assert r.usage.prompt_tokens <= 4  # "Hi there\n" alone, no system prompt
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
         log = proc.log_path.read_text()
         assert f"OpenAI API at {url}/v1" in log
     finally:

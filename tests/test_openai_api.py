@@ -175,6 +175,12 @@ def test_malformed_and_oversized_bodies(http):
     _error(http, "/v1/completions", b"x" * (17 * 1024 * 1024), 413)
 
 
+def test_engine_side_validation_is_400(http):
+    # Checked by vLLM itself (the gateway cannot know the vocabulary size).
+    err = _error(http, "/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 5}}, 400)
+    assert "vocab" in err["message"].lower() or "logit_bias" in err["message"]
+
+
 def test_out_of_vocab_token_prompt(http):
     assert _error(http, "/v1/completions", {"prompt": [10**9]}, 400)["param"] == "prompt"
 
