@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import msgspec
+
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.sampling_params import RequestOutputKind
 
@@ -11,31 +13,11 @@ from protocol.messages import SamplingParams, TokenLogprob
 
 
 def sampling_params(p: SamplingParams, max_tokens: int) -> VllmSamplingParams:
-    """vLLM sampling parameters, streaming deltas. vLLM validates them again and
-    raises ValueError on what it rejects."""
-    return VllmSamplingParams(
-        n=p.n,
-        max_tokens=max_tokens,
-        min_tokens=p.min_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
-        stop=list(p.stop) or None,
-        stop_token_ids=list(p.stop_token_ids) or None,
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs,
-        prompt_logprobs=p.prompt_logprobs,
-        skip_special_tokens=p.skip_special_tokens,
-        spaces_between_special_tokens=p.spaces_between_special_tokens,
-        include_stop_str_in_output=p.include_stop_str_in_output,
-        logit_bias=p.logit_bias,
-        output_kind=RequestOutputKind.DELTA,
-    )
+    """vLLM sampling parameters (our fields carry vLLM's names), streaming deltas.
+    vLLM validates them again and raises on what it rejects."""
+    fields = msgspec.structs.asdict(p)
+    fields.update(max_tokens=max_tokens, stop=p.stop or None, stop_token_ids=p.stop_token_ids or None)
+    return VllmSamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
 
 
 def _entry(token_id: int, lp) -> tuple[str, float, int]:

@@ -95,6 +95,7 @@ class EngineServer:
         self.instance = uuid.uuid4().hex[:12]
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
+        self.tokenizer: Any = None
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)

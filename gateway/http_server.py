@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Callable
+from typing import Callable, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -40,6 +40,7 @@ from protocol.openai import (
 log = logging.getLogger("gateway.http")
 
 JSON = "application/json"
+T = TypeVar("T")
 
 
 def json_response(obj: object, status: int = 200) -> Response:
@@ -90,14 +91,19 @@ class Gateway:
 
     # ------------------------------------------------------------------- routes
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def _parse(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, str]:
+        """The validated request body, and the model name being served."""
         body = await self._body(request)
         try:
-            req = decode_chat_request(body)
+            req = decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise from_validation(e) from None
         model = self._served_model()
-        oai_requests.check_model(req.model, model)
+        oai_requests.check_model(req.model, model)  # type: ignore[attr-defined]
+        return req, model
+
+    async def chat_completions(self, request: Request) -> Response:
+        req, model = await self._parse(request, decode_chat_request)
         gen = oai_requests.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
         opts = req.stream_options
         fmt = ChatFormatter(
@@ -107,13 +113,7 @@ class Gateway:
         return await self._run(request, [gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
 
     async def completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        try:
-            req = decode_completion_request(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise from_validation(e) from None
-        model = self._served_model()
-        oai_requests.check_model(req.model, model)
+        req, model = await self._parse(request, decode_completion_request)
         gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}")
         opts = req.stream_options
         fmt = CompletionFormatter(

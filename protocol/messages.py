@@ -133,11 +133,6 @@ class Outputs(msgspec.Struct, tag="out", array_like=True):
     deltas: list[Delta]
 
 
-ErrorType = Literal[
-    "invalid_request_error", "not_found_error", "server_error", "engine_unavailable"
-]
-
-
 class RequestFailed(msgspec.Struct, tag="fail", array_like=True, omit_defaults=True):
     """The request ended with an error; no more deltas follow for it."""
 
