@@ -135,12 +135,13 @@ class EngineServer:
             t.cancel()
         for t in list(self.tasks.values()):
             t.cancel()
+        died = self.llm.errored  # read before shutdown, which marks the core dead
         self._broadcast_status("stopping")
         await asyncio.sleep(0.05)
         self.llm.shutdown()
         self.sock.close(0)
         self.ctx.term()
-        return 1 if self.llm.errored else 0
+        return 1 if died else 0
 
     # ------------------------------------------------------------------- messages
 

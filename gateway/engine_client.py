@@ -176,7 +176,7 @@ class EngineClient:
         engine.unreported += len(requests)
         return stream
 
-    def close(self, stream: RequestStream, *, abort: bool) -> None:
+    def release(self, stream: RequestStream, *, abort: bool) -> None:
         """Forget a client request; with `abort`, also free its engine slots now
         (the client went away, or the request failed part way)."""
         live = [rid for rid in stream.request_ids if stream.engine.streams.pop(rid, None) is not None]

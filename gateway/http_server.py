@@ -149,7 +149,7 @@ class Gateway:
         try:
             first = await self._until_disconnect(request, rs.next())
         except BaseException as e:
-            self.client.close(rs, abort=True)
+            self.client.release(rs, abort=True)
             if isinstance(e, StreamFailed):
                 raise engine_error(e.failure, prompt_param) from None
             raise
@@ -168,7 +168,7 @@ class Gateway:
         except StreamFailed as e:
             raise engine_error(e.failure, prompt_param) from None
         finally:
-            self.client.close(rs, abort=not fmt.book.done)
+            self.client.release(rs, abort=not fmt.book.done)
         return json_response(fmt.response())
 
     async def _sse(self, rs: RequestStream, fmt, first, prompt_param: str, include_usage: bool, opening) -> AsyncIterator[bytes]:
@@ -185,7 +185,7 @@ class Gateway:
             yield engine_error(e.failure, prompt_param).sse_event() + SSE_DONE
         finally:
             # Client gone, or done: either way the engine slots are freed now.
-            self.client.close(rs, abort=not fmt.book.done)
+            self.client.release(rs, abort=not fmt.book.done)
 
     async def _until_disconnect(self, request: Request, awaitable):
         """Await `awaitable`, but give up (and let the caller abort the engine

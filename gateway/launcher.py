@@ -87,6 +87,10 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
     finally:
         log.info("stopping")
         _stop(procs)
+        failed = [p for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+        if failed and code == 0:
+            log.error("a child process exited with an error while stopping: %s", [p.returncode for p in failed])
+            code = 1
         try:
             os.rmdir(run_dir)
         except OSError:

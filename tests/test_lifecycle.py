@@ -74,3 +74,4 @@ def test_serve_command_end_to_end(run_dir):
     finally:
         code = proc.stop(signal.SIGTERM, timeout=60)
     assert code == 0, proc.tail()
+    assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
