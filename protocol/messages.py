@@ -1,9 +1,9 @@
 """Messages between gateway and engine, and their msgpack codec.
 
 One engine binds a ZeroMQ ROUTER; every gateway connects a DEALER to it. Each frame
-is one msgpack-encoded message from the unions below; the tag (first array element
-or `"type"` key) tells which. Hot messages (`Generate`, `Outputs`, `Delta`) are
-`array_like` so the wire carries no field names. No pickle anywhere.
+is one msgpack-encoded message from the unions below, sent as an array (`array_like`:
+no field names on the wire) whose first element, the tag, says which message it is.
+Only msgpack crosses the wire.
 """
 
 from __future__ import annotations
