@@ -64,7 +64,6 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     out = open(os.path.join(run_dir, "log"), "wb")
 
-    t0 = time.monotonic()
     gw = subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                           env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -77,7 +76,6 @@ def main() -> None:
     gateway_start = wait(listening, 30)
     gateway_rss_idle = rss_mb(gw.pid)
 
-    t1 = time.monotonic()
     engine = subprocess.Popen([sys.executable, "-m", "engine", "--endpoint", endpoint], env=env,
                               stdout=out, stderr=subprocess.STDOUT)
     try:
