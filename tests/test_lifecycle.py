@@ -75,3 +75,11 @@ def test_serve_command_end_to_end(run_dir):
         code = proc.stop(signal.SIGTERM, timeout=60)
     assert code == 0, proc.tail()
     assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
+
+
+def test_client_disconnect_while_waiting_non_streaming_frees_engine(gateway_url, engine_endpoint):
+    endpoint, _ = engine_endpoint
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway_url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=2))
+    assert wait_idle(endpoint), "engine still running the abandoned request"
