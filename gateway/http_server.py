@@ -161,10 +161,14 @@ class Gateway:
         )
 
     async def _collect(self, request: Request, rs: RequestStream, fmt, first, prompt_param: str) -> Response:
-        try:
+        async def rest() -> None:
             fmt.add(first)
             while not fmt.book.done:
-                fmt.add(await self._until_disconnect(request, rs.next()))
+                fmt.add(await rs.next())
+
+        try:
+            # One disconnect watcher for the whole answer, not one per engine step.
+            await self._until_disconnect(request, rest())
         except StreamFailed as e:
             raise engine_error(e.failure, prompt_param) from None
         finally:
