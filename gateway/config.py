@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from engine.args import parse_bool  # stdlib only: no vLLM behind it
 from protocol.endpoints import parse_endpoints
 
 
@@ -28,3 +29,45 @@ class GatewaySettings:
             max_body_bytes=int(env.get("MAX_REQUEST_BODY_BYTES", cls.max_body_bytes)),
             drain_timeout_s=int(env.get("DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
         )
+
+
+@dataclasses.dataclass
+class RunPodSettings:
+    """The RunPod worker's settings (names and defaults of RunPod's worker-vllm)."""
+
+    engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
+    max_concurrency: int = 300
+    # OpenAI streaming: whole SSE event strings (1) or lists of chunk objects (0).
+    raw_openai_output: bool = True
+    max_batch_size: int = 50
+    min_batch_size: int = 1
+    batch_size_growth_factor: float = 3.0
+    response_role: str = "assistant"
+    # How long a job waits for an engine to be ready before failing with a 503.
+    engine_wait_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
+        def get(name: str, default, parse=str):
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return parse(raw)
+            except ValueError as e:
+                raise ValueError(f"{name}={raw!r}: {e}") from None
+
+        s = cls(
+            engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
+            max_concurrency=get("MAX_CONCURRENCY", cls.max_concurrency, int),
+            raw_openai_output=get("RAW_OPENAI_OUTPUT", cls.raw_openai_output, parse_bool),
+            max_batch_size=get("DEFAULT_BATCH_SIZE", cls.max_batch_size, int),
+            min_batch_size=get("DEFAULT_MIN_BATCH_SIZE", cls.min_batch_size, int),
+            batch_size_growth_factor=get("DEFAULT_BATCH_SIZE_GROWTH_FACTOR", cls.batch_size_growth_factor, float),
+            response_role=get("OPENAI_RESPONSE_ROLE", cls.response_role),
+            engine_wait_s=get("ENGINE_WAIT_S", cls.engine_wait_s, float),
+        )
+        if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
+            raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "
+                             "DEFAULT_BATCH_SIZE_GROWTH_FACTOR >= 1")
+        return s

@@ -51,7 +51,7 @@ class APIError(Exception):
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
 
 
 def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: str = "request") -> APIError:
@@ -61,8 +61,8 @@ def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: st
     if isinstance(err, msgspec.ValidationError):
         m = _PATH.search(text)
         param = m.group(1) if m else ""
-        missing = _MISSING.search(text)
-        if missing:
-            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        field = _FIELD.search(text)
+        if field:
+            param = f"{param}.{field.group(1)}" if param else field.group(1)
         return APIError(400, f"invalid {what}: {text}", param=param or None)
     return APIError(400, f"malformed JSON body: {text}")

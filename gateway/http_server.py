@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Callable, TypeVar
 
@@ -23,19 +21,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway import requests as oai_requests
+from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import GatewaySettings
-from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed
+from gateway.engine_client import EngineClient
 from gateway.errors import APIError, from_validation
-from gateway.responses import SSE_DONE, ChatFormatter, CompletionFormatter, sse
-from protocol.messages import Generate, RequestFailed
-from protocol.openai import (
-    ModelCard,
-    ModelList,
-    decode_chat_request,
-    decode_completion_request,
-    json_encode,
-)
+from gateway.responses import SSE_DONE, sse
+from protocol.openai import decode_chat_request, decode_completion_request, json_encode
 
 log = logging.getLogger("gateway.http")
 
@@ -49,12 +40,6 @@ def json_response(obj: object, status: int = 200) -> Response:
 
 def error_response(err: APIError) -> Response:
     return Response(err.body(), status_code=err.status, media_type=JSON)
-
-
-def engine_error(failure: RequestFailed, prompt_param: str) -> APIError:
-    param = prompt_param if failure.param == "prompt" else failure.param
-    code = "context_length_exceeded" if "maximum context length" in failure.message else None
-    return APIError(failure.status, failure.message, param=param, code=code, type=failure.error_type if failure.status >= 500 else None)
 
 
 class Gateway:
@@ -77,56 +62,27 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _served_model(self) -> str:
-        status = self.client.ready_status()
-        if status is None:
-            raise APIError(503, "no engine is ready yet; retry shortly", type="service_unavailable_error")
-        return status.model
-
-    def _submit(self, gens: list[Generate]) -> RequestStream:
-        try:
-            return self.client.submit(gens)
-        except NoEngine:
-            raise APIError(503, "no engine is ready; retry shortly", type="service_unavailable_error") from None
-
     # ------------------------------------------------------------------- routes
 
-    async def _parse(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, str]:
+    async def _decode(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, str]:
         """The validated request body, and the model name being served."""
         body = await self._body(request)
         try:
             req = decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise from_validation(e) from None
-        model = self._served_model()
-        oai_requests.check_model(req.model, model)  # type: ignore[attr-defined]
-        return req, model
+        return req, ready_engine(self.client).model
 
     async def chat_completions(self, request: Request) -> Response:
-        req, model = await self._parse(request, decode_chat_request)
-        gen = oai_requests.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
-        opts = req.stream_options
-        fmt = ChatFormatter(
-            gen.request_id, req.n, model, self.settings.response_role,
-            continuous_usage=bool(opts and opts.continuous_usage_stats),
-        )
-        return await self._run(request, [gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
+        req, model = await self._decode(request, decode_chat_request)
+        return await self._run(request, prepare_chat(req, model, self.settings.response_role))
 
     async def completions(self, request: Request) -> Response:
-        req, model = await self._parse(request, decode_completion_request)
-        gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}")
-        opts = req.stream_options
-        fmt = CompletionFormatter(
-            [g.request_id for g in gens], req.n, model, echo=req.echo,
-            continuous_usage=bool(opts and opts.continuous_usage_stats),
-        )
-        return await self._run(request, gens, fmt, "prompt", req.stream, bool(opts and opts.include_usage), None)
+        req, model = await self._decode(request, decode_completion_request)
+        return await self._run(request, prepare_completion(req, model))
 
     async def models(self, request: Request) -> Response:
-        status = self.client.ready_status()
-        if status is None:
-            raise APIError(503, "no engine is ready yet; retry shortly", type="service_unavailable_error")
-        return json_response(ModelList([ModelCard(status.model, int(time.time()), max_model_len=status.max_model_len)]))
+        return json_response(model_list(self.client))
 
     async def health(self, request: Request) -> Response:
         if self.client.ready:
@@ -135,61 +91,28 @@ class Gateway:
 
     # ------------------------------------------------------------------ running
 
-    async def _run(
-        self,
-        request: Request,
-        gens: list[Generate],
-        fmt: ChatFormatter | CompletionFormatter,
-        prompt_param: str,
-        stream: bool,
-        include_usage: bool,
-        opening: Callable[[], object] | None,
-    ) -> Response:
-        rs = self._submit(gens)
-        try:
-            first = await self._until_disconnect(request, rs.next())
-        except BaseException as e:
-            self.client.release(rs, abort=True)
-            if isinstance(e, StreamFailed):
-                raise engine_error(e.failure, prompt_param) from None
-            raise
-        if not stream:
-            return await self._collect(request, rs, fmt, first, prompt_param)
+    async def _run(self, request: Request, call: Call) -> Response:
+        run = CallRun(self.client, call)
+        await self._until_disconnect(request, run.start())
+        if not call.stream:
+            # One disconnect watcher for the whole answer, not one per engine step.
+            return json_response(await self._until_disconnect(request, run.collect()))
         return StreamingResponse(
-            self._sse(rs, fmt, first, prompt_param, include_usage, opening), media_type="text/event-stream",
+            self._sse(run), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _collect(self, request: Request, rs: RequestStream, fmt, first, prompt_param: str) -> Response:
-        async def rest() -> None:
-            fmt.add(first)
-            while not fmt.book.done:
-                fmt.add(await rs.next())
-
+    async def _sse(self, run: CallRun) -> AsyncIterator[bytes]:
         try:
-            # One disconnect watcher for the whole answer, not one per engine step.
-            await self._until_disconnect(request, rest())
-        except StreamFailed as e:
-            raise engine_error(e.failure, prompt_param) from None
-        finally:
-            self.client.release(rs, abort=not fmt.book.done)
-        return json_response(fmt.response())
-
-    async def _sse(self, rs: RequestStream, fmt, first, prompt_param: str, include_usage: bool, opening) -> AsyncIterator[bytes]:
-        try:
-            parts = [sse(opening())] if opening is not None else []
-            parts += [sse(c) for c in fmt.chunks(first)]
-            yield b"".join(parts)
-            while not fmt.book.done:
-                deltas = await rs.next()
-                yield b"".join([sse(c) for c in fmt.chunks(deltas)])
-            tail = sse(fmt.usage_chunk()) if include_usage else b""
-            yield tail + SSE_DONE
-        except StreamFailed as e:
-            yield engine_error(e.failure, prompt_param).sse_event() + SSE_DONE
+            async with contextlib.aclosing(run.batches()) as batches:
+                async for chunks in batches:
+                    yield b"".join([sse(c) for c in chunks])
+            yield SSE_DONE
+        except APIError as e:
+            yield e.sse_event() + SSE_DONE
         finally:
             # Client gone, or done: either way the engine slots are freed now.
-            self.client.release(rs, abort=not fmt.book.done)
+            run.close()
 
     async def _until_disconnect(self, request: Request, awaitable):
         """Await `awaitable`, but give up (and let the caller abort the engine

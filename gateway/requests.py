@@ -7,7 +7,8 @@ from typing import Any
 
 from gateway.errors import APIError
 from protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
-from protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from protocol.openai import ChatCompletionRequest, CompletionRequest, Sampling, SamplingFields
+from protocol.runpod import JobInput, JobSamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256
@@ -21,13 +22,16 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def _stream_options(req: SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+
+
+def _sampling(req: Sampling, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     if req.use_beam_search:
         raise APIError(400, "beam search is not supported by the installed vLLM engine", param="use_beam_search")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of ({req.best_of}) must equal n ({req.n}): vLLM V1 has no best-of sampling", param="best_of")
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -94,6 +98,7 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
+    _stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
@@ -132,6 +137,7 @@ def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
 
 
 def completion_generates(req: CompletionRequest, request_id: str) -> list[Generate]:
+    _stream_options(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
@@ -141,3 +147,22 @@ def completion_generates(req: CompletionRequest, request_id: str) -> list[Genera
     if len(prompts) == 1:
         return [Generate(request_id, prompts[0], params, return_prompt=req.echo)]
     return [Generate(f"{request_id}-{i}", p, params, return_prompt=req.echo) for i, p in enumerate(prompts)]
+
+
+def job_generate(job: JobInput, request_id: str) -> Generate:
+    """A RunPod standard-mode job: `messages` (chat template applied), or `prompt`
+    (as it is, or as one user message with `apply_chat_template`). With no
+    `max_tokens` the answer may use what the context has left, as chat does."""
+    sp = job.sampling_params or JobSamplingParams()
+    if job.messages is not None:
+        prompt: Prompt = ChatPrompt(chat_messages(job.messages))
+    elif job.prompt is not None:
+        if job.prompt == "":
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if job.apply_chat_template:
+            prompt = ChatPrompt([{"role": "user", "content": job.prompt}])
+        else:
+            prompt = TextPrompt(job.prompt)
+    else:
+        raise APIError(400, "the job input needs `prompt` or `messages` (or `openai_route`)", param="prompt")
+    return Generate(request_id, prompt, _sampling(sp, sp.max_tokens, None, None))

@@ -29,10 +29,10 @@ class StreamOptions(Struct):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(Struct, kw_only=True):
-    """Sampling fields shared by chat and completions (OpenAI's and vLLM's extras)."""
+class Sampling(Struct, kw_only=True):
+    """Sampling parameters (OpenAI's and vLLM's extras): shared by chat, completions
+    and RunPod's standard `sampling_params`."""
 
-    model: str | None = None
     n: ChoiceCount = 1
     best_of: PositiveInt | None = None
     temperature: NonNegFloat | None = None
@@ -55,6 +55,12 @@ class SamplingFields(Struct, kw_only=True):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+
+
+class SamplingFields(Sampling, kw_only=True):
+    """What chat and completions requests share beyond sampling."""
+
+    model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

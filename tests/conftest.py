@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import zmq
+
+from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct"
@@ -36,11 +39,11 @@ def child_env(**extra: str) -> dict[str, str]:
 class Proc:
     """A child process whose output goes to a log file we can show on failure."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=ROOT,
+        self.popen = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=cwd,
                                       stdout=self.log, stderr=subprocess.STDOUT)
 
     def tail(self, n: int = 60) -> str:
@@ -111,3 +114,29 @@ def client(gateway_url):
 def http(gateway_url):
     with httpx.Client(base_url=gateway_url, timeout=120) as c:
         yield c
+
+
+def engine_running(endpoint: str) -> int:
+    """Ask the engine itself (over the protocol) how many requests it runs."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(encode(Hello("test-probe")))
+        assert sock.poll(5000), "engine did not answer"
+        msg = decode_engine_message(sock.recv())
+        assert isinstance(msg, EngineStatus)
+        return msg.running + msg.waiting
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def wait_idle(endpoint: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine_running(endpoint) == 0:
+            return True
+        time.sleep(0.2)
+    return False

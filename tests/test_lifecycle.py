@@ -7,36 +7,8 @@ import time
 import httpx
 import openai
 import pytest
-import zmq
 
-from conftest import MODEL, Proc, child_env, free_port, wait_healthy
-from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
-
-
-def engine_running(endpoint: str) -> int:
-    """Ask the engine itself (over the protocol) how many requests it runs."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send(encode(Hello("test-probe")))
-        assert sock.poll(5000), "engine did not answer"
-        msg = decode_engine_message(sock.recv())
-        assert isinstance(msg, EngineStatus)
-        return msg.running + msg.waiting
-    finally:
-        sock.close()
-        ctx.term()
-
-
-def wait_idle(endpoint: str, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine_running(endpoint) == 0:
-            return True
-        time.sleep(0.2)
-    return False
+from conftest import MODEL, Proc, child_env, engine_running, free_port, wait_healthy, wait_idle
 
 
 def test_client_disconnect_mid_stream_frees_engine(gateway_url, engine_endpoint):

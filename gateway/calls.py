@@ -1,0 +1,138 @@
+"""One OpenAI call, whichever intake it came from (the HTTP server or a RunPod job).
+
+`prepare_chat` / `prepare_completion` validate a decoded request and build the
+engine messages and the formatter; `CallRun` submits them to an engine and yields
+the answer as batches of chunk objects (streaming) or as one response object.
+Every failure surfaces as an `APIError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from gateway import requests as oai_requests
+from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed
+from gateway.errors import APIError
+from gateway.responses import ChatFormatter, CompletionFormatter
+from protocol.messages import Delta, EngineStatus, Generate, RequestFailed
+from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+
+@dataclasses.dataclass
+class Call:
+    gens: list[Generate]
+    fmt: ChatFormatter | CompletionFormatter
+    prompt_param: str  # the request field an engine-side prompt error is about
+    stream: bool
+    include_usage: bool
+    opening: Callable[[], object] | None = None  # the first chunk of a stream, if any
+
+
+def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
+    oai_requests.check_model(req.model, model)
+    gen = oai_requests.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
+    opts = req.stream_options
+    fmt = ChatFormatter(gen.request_id, req.n, model, role, continuous_usage=bool(opts and opts.continuous_usage_stats))
+    return Call([gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
+
+
+def prepare_completion(req: CompletionRequest, model: str) -> Call:
+    oai_requests.check_model(req.model, model)
+    gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}")
+    opts = req.stream_options
+    fmt = CompletionFormatter(
+        [g.request_id for g in gens], req.n, model, echo=req.echo,
+        continuous_usage=bool(opts and opts.continuous_usage_stats),
+    )
+    return Call(gens, fmt, "prompt", req.stream, bool(opts and opts.include_usage))
+
+
+def engine_error(failure: RequestFailed, prompt_param: str) -> APIError:
+    param = prompt_param if failure.param == "prompt" else failure.param
+    code = "context_length_exceeded" if "maximum context length" in failure.message else None
+    return APIError(failure.status, failure.message, param=param, code=code,
+                    type=failure.error_type if failure.status >= 500 else None)
+
+
+def no_engine() -> APIError:
+    return APIError(503, "no engine is ready; retry shortly", type="service_unavailable_error")
+
+
+def ready_engine(client: EngineClient) -> EngineStatus:
+    """The status of a ready engine (the served model's name and length), or a 503."""
+    status = client.ready_status()
+    if status is None:
+        raise no_engine()
+    return status
+
+
+def model_list(client: EngineClient) -> ModelList:
+    status = ready_engine(client)
+    return ModelList([ModelCard(status.model, int(time.time()), max_model_len=status.max_model_len)])
+
+
+def submit(client: EngineClient, gens: list[Generate]) -> RequestStream:
+    try:
+        return client.submit(gens)
+    except NoEngine:
+        raise no_engine() from None
+
+
+class CallRun:
+    """A call submitted to an engine. `start()` waits for the engine to accept it
+    (its first output), so that a request the engine rejects fails before any
+    stream begins. Whatever way the run ends, `close()` frees the engine slots;
+    it is called by `collect()` and `batches()` themselves, and is safe to repeat."""
+
+    def __init__(self, client: EngineClient, call: Call) -> None:
+        self.client = client
+        self.call = call
+        self.rs = submit(client, call.gens)
+        self._first: list[Delta] = []
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.client.release(self.rs, abort=not self.call.fmt.book.done)
+
+    async def _next(self) -> list[Delta]:
+        try:
+            return await self.rs.next()
+        except StreamFailed as e:
+            raise engine_error(e.failure, self.call.prompt_param) from None
+
+    async def start(self) -> None:
+        try:
+            self._first = await self._next()
+        except BaseException:
+            self.close()
+            raise
+
+    async def collect(self) -> object:
+        """The whole response object (non-streaming)."""
+        fmt = self.call.fmt
+        try:
+            fmt.add(self._first)
+            while not fmt.book.done:
+                fmt.add(await self._next())
+        finally:
+            self.close()
+        return fmt.response()
+
+    async def batches(self) -> AsyncIterator[list[object]]:
+        """Chunk objects, one list per engine output batch; the usage chunk last
+        when asked for. `[DONE]` is the caller's to add."""
+        call, fmt = self.call, self.call.fmt
+        try:
+            opening = [call.opening()] if call.opening is not None else []
+            yield opening + list(fmt.chunks(self._first))
+            while not fmt.book.done:
+                yield list(fmt.chunks(await self._next()))
+            if call.include_usage:
+                yield [fmt.usage_chunk()]
+        finally:
+            self.close()

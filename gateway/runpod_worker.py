@@ -1,0 +1,232 @@
+"""The RunPod serverless worker: RunPod's job queue as an intake of the gateway.
+
+`vllm-gateway runpod` starts the engine process(es), waits until they are ready,
+then runs `runpod.serverless.start` in this process with `JobHandler.handle`, an
+async generator, as the handler. Jobs take the input shapes of RunPod's
+worker-vllm (`protocol/runpod.py`): OpenAI mode (`openai_route` + `openai_input`)
+and standard mode (`prompt` / `messages` + `sampling_params`). Streamed output is
+batched: batch sizes grow min, min*g, min*g^2, ... up to max.
+
+A job that fails yields `{"error": <the OpenAI error object as a JSON string>}`,
+which the SDK turns into a FAILED job; the worker goes on with the next jobs. A
+job RunPod cancels has its engine request aborted at once, and the
+`CancelledError` goes on up to the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
+from gateway.config import RunPodSettings
+from gateway.engine_client import EngineClient
+from gateway.errors import APIError, from_validation
+from gateway.requests import job_generate
+from gateway.responses import SSE_DONE, JobFormatter, sse
+from protocol.openai import chat_request_from_dict, completion_request_from_dict
+from protocol.runpod import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
+
+log = logging.getLogger("gateway.runpod")
+
+DONE_EVENT = SSE_DONE.decode()
+
+
+class BatchSizer:
+    """Stream batch sizes: min, min*g, min*g^2, ... capped at max (worker-vllm's
+    rule: with g <= 1 or min >= max, every batch has the max size)."""
+
+    def __init__(self, max_size: int, min_size: int, growth: float) -> None:
+        self.max = max_size
+        self.growth = growth
+        dynamic = growth > 1 and max_size > min_size
+        self._size = float(min_size if dynamic else max_size)
+
+    @property
+    def size(self) -> int:
+        return max(1, math.ceil(self._size - 1e-9))
+
+    def grow(self) -> None:
+        self._size = min(self._size * self.growth, float(self.max))
+
+
+class JobHandler:
+    def __init__(self, settings: RunPodSettings) -> None:
+        self.settings = settings
+        self._client: EngineClient | None = None
+
+    def concurrency(self, current: int) -> int:
+        return self.settings.max_concurrency
+
+    async def _engines(self) -> EngineClient:
+        # Made on the first job, in the event loop the SDK runs jobs in.
+        if self._client is None:
+            self._client = EngineClient(self.settings.engine_endpoints)
+            await self._client.start()
+        if not self._client.ready:
+            await self._client.wait_ready(self.settings.engine_wait_s)
+        return self._client
+
+    def _sizer(self, job: JobInput) -> BatchSizer:
+        s = self.settings
+        return BatchSizer(
+            job.max_batch_size or s.max_batch_size,
+            job.min_batch_size or s.min_batch_size,
+            job.batch_size_growth_factor or s.batch_size_growth_factor,
+        )
+
+    # ------------------------------------------------------------------- handler
+
+    async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        """The RunPod handler: yields stream batches, or one whole answer."""
+        try:
+            outputs = self._outputs(_parse(job.get("input")))
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    yield out
+        except APIError as e:
+            log.info("job %s failed: %s %s", job.get("id"), e.status, e.message)
+            yield {"error": e.body().decode()}
+
+    def _outputs(self, job: JobInput) -> AsyncIterator[Any]:
+        if job.openai_route is None:
+            return self._standard(job)
+        if job.openai_route not in OPENAI_ROUTES:
+            raise APIError(404, f"unknown openai_route {job.openai_route!r}; this worker serves "
+                           + ", ".join(OPENAI_ROUTES), param="openai_route", code="unknown_route")
+        return self._openai(job)
+
+    async def _run(self, call: Call) -> CallRun:
+        client = await self._engines()
+        run = CallRun(client, call)
+        # However the job's task ends (done, failed, cancelled by RunPod while the
+        # SDK was posting a batch), the engine slots are freed with it.
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(lambda _: run.close())
+        await run.start()
+        return run
+
+    async def _openai(self, job: JobInput) -> AsyncIterator[Any]:
+        client = await self._engines()
+        body = job.openai_input or {}
+        if job.openai_route == "/v1/models":
+            yield to_builtins(model_list(client))
+            return
+        model = ready_engine(client).model
+        try:
+            if job.openai_route == "/v1/chat/completions":
+                call = prepare_chat(chat_request_from_dict(body), model, self.settings.response_role)
+            else:
+                call = prepare_completion(completion_request_from_dict(body), model)
+        except msgspec.ValidationError as e:
+            raise from_validation(e, "openai_input") from None
+        run = await self._run(call)
+        if not call.stream:
+            yield to_builtins(await run.collect())
+            return
+        raw = self.settings.raw_openai_output
+        sizer = self._sizer(job)
+        batch: list[Any] = []
+        try:
+            async with contextlib.aclosing(run.batches()) as batches:
+                async for chunks in batches:
+                    for chunk in chunks:
+                        batch.append(sse(chunk).decode() if raw else to_builtins(chunk))
+                        if len(batch) >= sizer.size:
+                            yield "".join(batch) if raw else batch
+                            batch = []
+                            sizer.grow()
+        except APIError:
+            if batch:  # what was generated before the failure still goes out
+                yield "".join(batch) if raw else batch
+            raise
+        if raw:
+            batch.append(DONE_EVENT)
+        if batch:
+            yield "".join(batch) if raw else batch
+
+    async def _standard(self, job: JobInput) -> AsyncIterator[Any]:
+        gen = job_generate(job, f"job-{uuid.uuid4().hex}")
+        fmt = JobFormatter(gen.request_id, gen.params.n)
+        run = await self._run(Call([gen], fmt, "prompt", job.stream, False))
+        if not job.stream:
+            yield to_builtins(await run.collect())
+            return
+        sizer = self._sizer(job)
+        pending = fmt.empty()
+        count = 0  # tokens in `pending`
+        sent = 0  # tokens yielded before `pending`
+        async with contextlib.aclosing(run.batches()) as batches:
+            async for pieces in batches:
+                for index, text, tokens in pieces:
+                    pending[index].append(text)
+                    count += tokens
+                    if count >= sizer.size:
+                        sent += count
+                        yield to_builtins(fmt.output(pending, sent))
+                        pending, count = fmt.empty(), 0
+                        sizer.grow()
+        if count or any(pending):
+            yield to_builtins(fmt.output(pending, sent + count))
+
+
+def _parse(raw: Any) -> JobInput:
+    if not isinstance(raw, dict):
+        raise APIError(400, "the job input must be a JSON object", param="input")
+    try:
+        return job_input_from_dict(raw)
+    except msgspec.ValidationError as e:
+        raise from_validation(e, "job input") from None
+
+
+# ------------------------------------------------------------------- the process
+
+
+def main(argv: list[str]) -> int:
+    """`vllm-gateway runpod [runpod SDK flags] [engine flags]`."""
+    import runpod
+
+    from gateway.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
+
+    try:
+        settings = RunPodSettings.from_env()
+    except ValueError as e:
+        log.error("bad setting: %s", e)
+        return 2
+    # The SDK reads its own flags (--rp_serve_api, --test_input, ...) from sys.argv;
+    # everything else is for the engines.
+    _, engine_argv = runpod.serverless.parser.parse_known_args(argv)
+    engines = None
+    if not os.environ.get("ENGINE_ENDPOINTS"):
+        engines = EngineProcesses(engine_argv)
+        settings.engine_endpoints = engines.endpoints
+    try:
+        try:
+            statuses = wait_engines_ready(settings.engine_endpoints, engines,
+                                          float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600")))
+        except EngineStartFailed as e:
+            log.error("the worker cannot start: %s", e)
+            return 1
+        log.info("engines ready (model %s); starting the RunPod worker, concurrency %d",
+                 statuses[0].model, settings.max_concurrency)
+        handler = JobHandler(settings)
+        sys.argv = [sys.argv[0], *argv]
+        runpod.serverless.start({
+            "handler": handler.handle,
+            "concurrency_modifier": handler.concurrency,
+            "return_aggregate_stream": True,
+        })
+        return 0
+    finally:
+        if engines is not None:
+            engines.stop()

@@ -1,0 +1,291 @@
+"""Integration: the RunPod worker under the real RunPod SDK worker loop (production
+mode), fed by a local job queue, against the real shared engine."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from conftest import MODEL, Proc, child_env, engine_running, free_port, wait_idle
+from runpod_queue import JobQueue
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_CONCURRENCY = 3
+
+
+def start_worker(name: str, queue: JobQueue, endpoint: str, run_dir, **env: str) -> Proc:
+    cwd = run_dir / name
+    cwd.mkdir(exist_ok=True)  # the SDK keeps a job-state file in its working directory
+    e = child_env(ENGINE_ENDPOINTS=endpoint, MAX_CONCURRENCY=str(MAX_CONCURRENCY), **queue.env())
+    e.update(env)
+    return Proc(name, ["gateway", "runpod"], e, run_dir, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def queue(gateway_url):  # gateway_url: the shared engine is up and ready
+    q = JobQueue()
+    yield q
+    q.close()
+
+
+@pytest.fixture(scope="module")
+def worker(queue, engine_endpoint, run_dir):
+    endpoint, _ = engine_endpoint
+    proc = start_worker("runpod-worker", queue, endpoint, run_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def list_worker(engine_endpoint, run_dir, gateway_url):
+    """A second worker with RAW_OPENAI_OUTPUT=0, on its own queue."""
+    q = JobQueue()
+    proc = start_worker("runpod-worker-lists", q, engine_endpoint[0], run_dir, RAW_OPENAI_OUTPUT="0")
+    yield q
+    proc.stop()
+    q.close()
+
+
+def run(queue: JobQueue, worker: Proc, job_input: dict, timeout: float = 120) -> tuple[list, dict]:
+    assert worker.alive(), worker.tail()
+    try:
+        return queue.run(job_input, timeout)
+    except TimeoutError:
+        raise AssertionError(worker.tail()) from None
+
+
+def events(batch: str) -> list[str]:
+    """The SSE events of one raw batch; each must be whole."""
+    assert batch.endswith("\n\n"), batch
+    parts = batch[:-2].split("\n\n")
+    assert all(p.startswith("data: ") for p in parts), batch
+    return [p[len("data: "):] for p in parts]
+
+
+def assert_growing_sizes(sizes: list[int], expected_prefix: list[int]) -> None:
+    """Every batch but the last has the next size of the schedule; the last at most."""
+    assert sizes[:-1] == expected_prefix[: len(sizes) - 1], sizes
+    assert 0 < sizes[-1] <= expected_prefix[len(sizes) - 1], sizes
+
+
+def job_error(result: dict) -> dict:
+    assert "error" in result, result
+    return json.loads(result["error"])["error"]
+
+
+# --------------------------------------------------------------------- OpenAI mode
+
+
+def test_openai_chat_stream_raw_sse_batches(queue, worker, client):
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 60, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    outputs, result = run(queue, worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    assert all(isinstance(o, str) for o in outputs)
+    assert result["output"] == outputs  # return_aggregate_stream: the job's output is every batch
+    batches = [events(o) for o in outputs]
+    assert batches[-1][-1] == "[DONE]" and all("[DONE]" not in e for b in batches[:-1] for e in b)
+    sizes = [len(b) for b in batches]
+    sizes[-1] -= 1  # [DONE] rides with the last batch
+    assert_growing_sizes(sizes, [1, 3, 9, 27, 50, 50, 50])
+    chunks = [json.loads(e) for b in batches for e in b if e != "[DONE]"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[-1]["usage"]["completion_tokens"] == 60
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=60, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].message.content
+    assert chunks[-1]["usage"]["prompt_tokens"] == whole.usage.prompt_tokens
+
+
+def test_openai_chat_non_stream(queue, worker):
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 30, "temperature": 0}
+    outputs, result = run(queue, worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    [response] = result["output"]
+    assert response["object"] == "chat.completion"
+    assert "Paris" in response["choices"][0]["message"]["content"]
+    assert response["usage"]["total_tokens"] == response["usage"]["prompt_tokens"] + response["usage"]["completion_tokens"]
+
+
+def test_openai_completion_stream_n2(queue, worker):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "n": 2, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    outputs, result = run(queue, worker, {"openai_route": "/v1/completions", "openai_input": body})
+    chunks = [json.loads(e) for o in outputs for e in events(o) if e != "[DONE]"]
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
+    assert chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_openai_models(queue, worker):
+    for job_input in ({"openai_route": "/v1/models"}, {"openai_route": "/v1/models", "openai_input": {}}):
+        _, result = run(queue, worker, job_input)
+        [models] = result["output"]
+        assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_openai_stream_as_chunk_lists(list_worker, engine_endpoint, run_dir):
+    q = list_worker
+    body = {"model": MODEL, "prompt": "The sky is", "max_tokens": 16, "stream": True, "ignore_eos": True}
+    outputs, result = q.run({"openai_route": "/v1/completions", "openai_input": body})
+    assert all(isinstance(o, list) for o in outputs) and outputs
+    assert_growing_sizes([len(o) for o in outputs], [1, 3, 9, 27, 50])
+    chunks = [c for o in outputs for c in o]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+# ------------------------------------------------------------------- standard mode
+
+
+def test_standard_prompt_stream_custom_batches_exact_usage(queue, worker, client):
+    prompt = "The history of the Roman Empire"
+    job = {"prompt": prompt, "stream": True, "min_batch_size": 2, "batch_size_growth_factor": 2,
+           "max_batch_size": 10, "sampling_params": {"max_tokens": 40, "ignore_eos": True, "temperature": 0}}
+    outputs, result = run(queue, worker, job)
+    sizes = [len(o["choices"][0]["tokens"]) for o in outputs]
+    assert_growing_sizes(sizes, [2, 4, 8, 10, 10, 10, 10])
+    assert [o["usage"]["output"] for o in outputs] == [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    ref = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert outputs[-1]["usage"] == {"input": ref.usage.prompt_tokens, "output": 40}
+    assert "".join(t for o in outputs for t in o["choices"][0]["tokens"]) == ref.choices[0].text
+
+
+def test_standard_default_batch_schedule(queue, worker):
+    job = {"prompt": "Once upon a time", "stream": True,
+           "sampling_params": {"max_tokens": 45, "ignore_eos": True}}
+    outputs, _ = run(queue, worker, job)
+    assert [len(o["choices"][0]["tokens"]) for o in outputs] == [1, 3, 9, 27, 5]
+    assert outputs[-1]["usage"]["output"] == 45
+
+
+def test_standard_messages_non_stream_n2(queue, worker):
+    job = {"messages": FRANCE, "sampling_params": {"n": 2, "max_tokens": 12, "ignore_eos": True, "seed": 7}}
+    outputs, result = run(queue, worker, job)
+    [out] = result["output"]
+    assert len(out["choices"]) == 2 and all(len(c["tokens"]) == 1 for c in out["choices"])
+    assert out["usage"]["output"] == 24 and out["usage"]["input"] > 10
+
+
+def test_standard_chat_template_and_default_max_tokens(queue, worker):
+    """`apply_chat_template` makes the prompt a user message; with no max_tokens the
+    answer is not cut at vLLM's 16 (min_tokens forces it past that)."""
+    job = {"prompt": "What is the capital of France?", "apply_chat_template": True,
+           "sampling_params": {"temperature": 0, "min_tokens": 20}}
+    _, result = run(queue, worker, job)
+    [out] = result["output"]
+    assert "Paris" in out["choices"][0]["tokens"][0]
+    assert out["usage"]["output"] >= 20
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("job_input,param,code", [
+    ({"sampling_params": {"max_tokens": 5}}, "prompt", None),
+    ({"prompt": "hi", "sampling_params": {"temperature": -1}}, "sampling_params.temperature", None),
+    ({"prompt": "hi", "sampling_params": {"max_tokenz": 5}}, "sampling_params.max_tokenz", None),
+    ({"prompt": "hi", "min_batch_size": 0}, "min_batch_size", None),
+    ({"prompt": "hi " * 3000}, "prompt", "context_length_exceeded"),
+    ({"openai_route": "/v1/embeddings", "openai_input": {"input": "x"}}, "openai_route", "unknown_route"),
+    ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "gpt-4", "messages": FRANCE}}, "model", "model_not_found"),
+    ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": FRANCE, "n": 0}}, "n", None),
+    ({"openai_route": "/v1/completions", "openai_input": {"prompt": "x", "max_tokens": 5000}}, "max_tokens", "context_length_exceeded"),
+])
+def test_bad_input_fails_the_job_with_an_openai_error(queue, worker, job_input, param, code):
+    outputs, result = run(queue, worker, job_input)
+    err = job_error(result)
+    assert (err["param"], err["code"]) == (param, code), err
+    assert err["type"] in ("invalid_request_error", "not_found_error") and err["message"]
+
+
+def test_worker_keeps_serving_after_failures(queue, worker):
+    bad = [queue.submit({"prompt": ""}), queue.submit("not an object")]
+    good = queue.submit({"prompt": "Hello", "sampling_params": {"max_tokens": 3, "ignore_eos": True}})
+    assert all("error" in queue.wait_done(j) for j in bad)
+    [out] = queue.wait_done(good)["output"]
+    assert out["usage"]["output"] == 3
+    assert worker.alive()
+
+
+# ------------------------------------------------------------ concurrency, cancel
+
+
+def test_jobs_run_concurrently_up_to_max_concurrency(queue, worker, engine_endpoint):
+    queue.max_in_flight = 0
+    ids = [queue.submit({"prompt": f"Story number {i}:", "stream": True,
+                         "sampling_params": {"max_tokens": 48, "ignore_eos": True}}) for i in range(6)]
+    results = [queue.wait_done(j, 180) for j in ids]
+    assert all(sum(len(o["choices"][0]["tokens"]) for o in r["output"]) > 0 for r in results)
+    assert all(r["output"][-1]["usage"]["output"] == 48 for r in results)
+    assert queue.max_in_flight == MAX_CONCURRENCY
+
+
+def test_cancelled_job_aborts_its_engine_request(queue, worker, engine_endpoint):
+    endpoint, _ = engine_endpoint
+    job_id = queue.submit({"prompt": "Count:", "stream": True,
+                           "sampling_params": {"max_tokens": 1500, "ignore_eos": True}})
+    queue.wait_stream(job_id, 2)
+    assert engine_running(endpoint) >= 1
+    queue.stop(job_id)
+    assert wait_idle(endpoint, 10), "engine still running the cancelled job's request"
+    assert job_id not in queue.done or "error" not in queue.done[job_id]
+    assert worker.alive()
+    # and the worker still takes jobs
+    _, result = run(queue, worker, {"prompt": "Hi", "sampling_params": {"max_tokens": 2, "ignore_eos": True}})
+    assert result["output"][0]["usage"]["output"] == 2
+
+
+def test_pings_reach_the_queue(queue, worker):
+    deadline = time.monotonic() + 10
+    while not queue.pings and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert queue.pings and queue.pings[0]["runpod_version"]
+
+
+# ------------------------------------------------------- the entrypoint, end to end
+
+
+def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
+    """`vllm-gateway runpod --rp_serve_api`: the SDK's local test server, in front of
+    an engine the worker started itself."""
+    port = free_port()
+    cwd = run_dir / "rp-serve-api"
+    cwd.mkdir()
+    proc = Proc("runpod-serve-api", ["gateway", "runpod", "--rp_serve_api", "--rp_api_port", str(port),
+                                     "--max-model-len", "1024"], child_env(), run_dir, cwd=cwd)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.alive(), proc.tail()
+            try:
+                r = httpx.post(f"http://localhost:{port}/runsync", timeout=60, json={"input": {
+                    "openai_route": "/v1/chat/completions",
+                    "openai_input": {"model": MODEL, "messages": FRANCE, "max_tokens": 20, "temperature": 0}}})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, proc.tail()
+                time.sleep(1)
+        body = r.json()
+        assert body["status"] == "COMPLETED", body
+        assert "Paris" in body["output"][0]["choices"][0]["message"]["content"]
+        assert "engines ready" in proc.log_path.read_text()
+    finally:
+        code = proc.stop(signal.SIGINT, timeout=60)
+    assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
+
+
+def test_worker_exits_nonzero_when_the_engine_cannot_start(run_dir):
+    cwd = run_dir / "rp-bad-engine"
+    cwd.mkdir()
+    proc = Proc("runpod-bad-engine", ["gateway", "runpod"], child_env(MAX_MODEL_LEN="lots"), run_dir, cwd=cwd)
+    try:
+        code = proc.popen.wait(120)
+    finally:
+        proc.stop()
+    assert code == 1
+    log = proc.log_path.read_text()
+    assert "MAX_MODEL_LEN='lots'" in log and "engine 0 exited with code 2" in log, log
