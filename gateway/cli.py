@@ -4,6 +4,7 @@
 - `engine`: one engine process alone (for supervisord/systemd).
 - `http`: the HTTP gateway alone, in front of engines started elsewhere.
 - `runpod`: a RunPod serverless worker: engine(s) plus the RunPod job handler.
+- `bake`: download (or convert) the configured model into BASE_PATH, for images.
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ def runpod_main(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"serve": serve_main, "engine": engine_main, "http": http_main, "runpod": runpod_main}
+def bake_main(argv: list[str]) -> int:
+    from engine.bake import main
+
+    return main(argv)
+
+
+COMMANDS = {"serve": serve_main, "engine": engine_main, "http": http_main, "runpod": runpod_main, "bake": bake_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
-        print("\nusage: vllm-gateway {serve,engine,http,runpod} [options]   (--help on each)", file=sys.stderr)
+        print("\nusage: vllm-gateway {serve,engine,http,runpod,bake} [options]   (--help on each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     return COMMANDS[argv[0]](argv[1:])
