@@ -45,7 +45,7 @@ def list_worker(engine_endpoint, run_dir, gateway_url):
     """A second worker with RAW_OPENAI_OUTPUT=0, on its own queue."""
     q = JobQueue()
     proc = start_worker("runpod-worker-lists", q, engine_endpoint[0], run_dir, RAW_OPENAI_OUTPUT="0")
-    yield q
+    yield q, proc
     proc.stop()
     q.close()
 
@@ -126,8 +126,8 @@ def test_openai_models(queue, worker):
         assert [m["id"] for m in models["data"]] == [MODEL]
 
 
-def test_openai_stream_as_chunk_lists(list_worker, engine_endpoint, run_dir):
-    q = list_worker
+def test_openai_stream_as_chunk_lists(list_worker):
+    q, _ = list_worker
     body = {"model": MODEL, "prompt": "The sky is", "max_tokens": 16, "stream": True, "ignore_eos": True}
     outputs, result = q.run({"openai_route": "/v1/completions", "openai_input": body})
     assert all(isinstance(o, list) for o in outputs) and outputs
@@ -135,6 +135,16 @@ def test_openai_stream_as_chunk_lists(list_worker, engine_endpoint, run_dir):
     chunks = [c for o in outputs for c in o]
     assert all(c["object"] == "text_completion" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_raw_batches_never_split_characters(queue, worker):
+    body = {"model": MODEL, "max_tokens": 40, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Écris une phrase en français avec des accents: é, è, à, ç."}]}
+    outputs, _ = run(queue, worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                   for o in outputs for e in events(o) if e != "[DONE]")
+    assert any(ord(ch) > 127 for ch in text), text
+    assert "\ufffd" not in text and all("\ufffd" not in o for o in outputs)
 
 
 # ------------------------------------------------------------------- standard mode
@@ -244,6 +254,15 @@ def test_pings_reach_the_queue(queue, worker):
     while not queue.pings and time.monotonic() < deadline:
         time.sleep(0.2)
     assert queue.pings and queue.pings[0]["runpod_version"]
+
+
+def test_sigterm_stops_the_worker_cleanly(list_worker):
+    q, proc = list_worker
+    assert proc.alive(), proc.tail()
+    start = time.monotonic()
+    code = proc.stop(signal.SIGTERM, timeout=30)
+    assert code == 0 and time.monotonic() - start < 15, (code, proc.tail())
+    assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
 
 
 # ------------------------------------------------------- the entrypoint, end to end
