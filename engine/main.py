@@ -9,6 +9,7 @@ import sys
 
 from engine import args as engine_args
 from engine import default_model
+from protocol import transport
 from protocol.endpoints import default_engine_endpoint
 
 log = logging.getLogger("engine")
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad setting: %s", e)
         return 2
     endpoint = ns.endpoint or default_engine_endpoint(ns.engine_id)
-    _check_bind_address(endpoint)
+    try:
+        keys = transport.server_keys(endpoint)
+    except (transport.InsecureEndpoint, OSError) as e:
+        log.error("%s", e)
+        return 2
 
     import torch  # only now: argument errors above should not wait for torch
 
@@ -66,20 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         endpoint=endpoint,
         engine_id=ns.engine_id,
         chat_template=settings.get("CUSTOM_CHAT_TEMPLATE"),
+        keys=keys,
     )
     return server.serve(config)
-
-
-def _check_bind_address(endpoint: str) -> None:
-    """Refuse to expose an unauthenticated engine beyond loopback."""
-    if not endpoint.startswith("tcp://"):
-        return
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    if host not in ("127.0.0.1", "localhost", "::1") and os.environ.get("ENGINE_ALLOW_REMOTE") != "1":
-        raise SystemExit(
-            f"refusing to bind {endpoint}: engines speak an unauthenticated protocol; bind to "
-            "127.0.0.1 (or set ENGINE_ALLOW_REMOTE=1 on a private network)"
-        )
 
 
 if __name__ == "__main__":

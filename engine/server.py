@@ -28,6 +28,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from engine import convert
+from protocol.transport import ServerKeys, secure_server
 from protocol.messages import (
     Abort,
     ChatPrompt,
@@ -47,9 +48,8 @@ log = logging.getLogger("engine.server")
 
 # A gateway that has not said Hello for this long is gone: its requests are aborted.
 GATEWAY_TIMEOUT_S = 10.0
-# How often load is pushed to gateways while requests run (and when idle).
-STATUS_INTERVAL_BUSY_S = 0.1
-STATUS_INTERVAL_IDLE_S = 1.0
+# How often load is pushed to every gateway (routing and liveness both use it).
+STATUS_INTERVAL_S = 0.1
 # Prompts longer than this (in characters) are tokenized off the event loop.
 TOKENIZE_INLINE_MAX_CHARS = 8192
 
@@ -67,6 +67,7 @@ class EngineConfig:
     endpoint: str
     engine_id: str = "0"
     chat_template: str | None = None
+    keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
 
 
 class _LoadRecorder(StatLoggerBase):
@@ -122,6 +123,7 @@ class EngineServer:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        auth = secure_server(self.sock, self.config.keys)
         self.sock.bind(self.config.endpoint)
         log.info("engine %s listening on %s", self.config.engine_id, self.config.endpoint)
 
@@ -139,6 +141,8 @@ class EngineServer:
         self._broadcast_status("stopping")
         await asyncio.sleep(0.05)
         self.llm.shutdown()
+        if auth is not None:
+            auth.stop()
         self.sock.close(0)
         self.ctx.term()
         return 1 if died else 0
@@ -189,6 +193,7 @@ class EngineServer:
             running=int(load["running"]),
             waiting=int(load["waiting"]),
             kv_cache_usage=float(load["kv_cache_usage"]),
+            pid=os.getpid(),
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
@@ -198,7 +203,7 @@ class EngineServer:
 
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.sleep(STATUS_INTERVAL_BUSY_S if self.tasks else STATUS_INTERVAL_IDLE_S)
+            await asyncio.sleep(STATUS_INTERVAL_S)
             now = time.monotonic()
             for ident, seen in list(self.gateways.items()):
                 if now - seen > GATEWAY_TIMEOUT_S:
@@ -211,7 +216,8 @@ class EngineServer:
     def _forget_gateway(self, ident: bytes) -> None:
         del self.gateways[ident]
         orphans = [rid for rid, owner in self.owner.items() if owner == ident]
-        log.warning("gateway went silent; aborting its %d request(s)", len(orphans))
+        if orphans:
+            log.warning("a gateway went silent; aborting its %d request(s)", len(orphans))
         for rid in orphans:
             self.tasks[rid].cancel()
 

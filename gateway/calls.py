@@ -8,6 +8,7 @@ Every failure surfaces as an `APIError`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -87,9 +88,11 @@ class CallRun:
     stream begins. Whatever way the run ends, `close()` frees the engine slots;
     it is called by `collect()` and `batches()` themselves, and is safe to repeat."""
 
-    def __init__(self, client: EngineClient, call: Call) -> None:
+    def __init__(self, client: EngineClient, call: Call, timeout_s: float = 0) -> None:
         self.client = client
         self.call = call
+        self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+        self.timeout_s = timeout_s
         self.rs = submit(client, call.gens)
         self._first: list[Delta] = []
         self._closed = False
@@ -101,9 +104,14 @@ class CallRun:
 
     async def _next(self) -> list[Delta]:
         try:
-            return await self.rs.next()
+            if self.deadline is None:
+                return await self.rs.next()
+            return await asyncio.wait_for(self.rs.next(), max(0.0, self.deadline - time.monotonic()))
         except StreamFailed as e:
             raise engine_error(e.failure, self.call.prompt_param) from None
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request took longer than REQUEST_TIMEOUT_S={self.timeout_s:g} s and was stopped",
+                           type="timeout_error", code="request_timeout") from None
 
     async def start(self) -> None:
         try:

@@ -5,6 +5,7 @@
 - `http`: the HTTP gateway alone, in front of engines started elsewhere.
 - `runpod`: a RunPod serverless worker: engine(s) plus the RunPod job handler.
 - `bake`: download (or convert) the configured model into BASE_PATH, for images.
+- `keys`: make CURVE key pairs for engines reached over tcp:// from other hosts.
 """
 
 from __future__ import annotations
@@ -75,14 +76,29 @@ def bake_main(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"serve": serve_main, "engine": engine_main, "http": http_main, "runpod": runpod_main, "bake": bake_main}
+def keys_main(argv: list[str]) -> int:
+    from protocol.transport import create_keys
+
+    p = argparse.ArgumentParser(prog="vllm-gateway keys", description=(
+        "Make ZeroMQ CURVE certificates for tcp:// engines across hosts: NAME.key (public, "
+        "give it to the other side) and NAME.key_secret (keep it)."))
+    p.add_argument("directory")
+    p.add_argument("--name", default="engine", help="engine, or a gateway's name")
+    ns = p.parse_args(argv)
+    public, secret = create_keys(ns.directory, ns.name)
+    print(f"public: {public}\nsecret: {secret}")
+    return 0
+
+
+COMMANDS = {"serve": serve_main, "engine": engine_main, "http": http_main, "runpod": runpod_main,
+            "bake": bake_main, "keys": keys_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
-        print("\nusage: vllm-gateway {serve,engine,http,runpod,bake} [options]   (--help on each)", file=sys.stderr)
+        print("\nusage: vllm-gateway {serve,engine,http,runpod,bake,keys} [options]   (--help on each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     return COMMANDS[argv[0]](argv[1:])

@@ -17,7 +17,8 @@ class GatewaySettings:
     engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
     response_role: str = "assistant"
     max_body_bytes: int = 16 * 1024 * 1024
-    drain_timeout_s: int = 30
+    drain_timeout_s: float = 30
+    request_timeout_s: float = 0  # 0: no limit
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
@@ -27,7 +28,8 @@ class GatewaySettings:
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
             response_role=env.get("OPENAI_RESPONSE_ROLE") or cls.response_role,
             max_body_bytes=int(env.get("MAX_REQUEST_BODY_BYTES", cls.max_body_bytes)),
-            drain_timeout_s=int(env.get("DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
+            drain_timeout_s=float(env.get("DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
+            request_timeout_s=float(env.get("REQUEST_TIMEOUT_S", cls.request_timeout_s)),
         )
 
 
@@ -45,6 +47,7 @@ class RunPodSettings:
     response_role: str = "assistant"
     # How long a job waits for an engine to be ready before failing with a 503.
     engine_wait_s: float = 300.0
+    request_timeout_s: float = 0  # 0: no limit
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
@@ -66,6 +69,7 @@ class RunPodSettings:
             batch_size_growth_factor=get("DEFAULT_BATCH_SIZE_GROWTH_FACTOR", cls.batch_size_growth_factor, float),
             response_role=get("OPENAI_RESPONSE_ROLE", cls.response_role),
             engine_wait_s=get("ENGINE_WAIT_S", cls.engine_wait_s, float),
+            request_timeout_s=get("REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
         )
         if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
             raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "

@@ -1,10 +1,12 @@
 """The gateway's side of the engine protocol: sockets, routing, request streams.
 
 One DEALER socket per engine. A heartbeat (`Hello`) goes to every engine every
-`HEARTBEAT_S`; the `EngineStatus` replies say which engines are ready and how
-loaded they are. New requests go to the least-loaded ready engine. An engine that
-stops answering, or answers as a new instance (it was restarted), fails all the
-requests it had in flight with a 503.
+`HEARTBEAT_S`; engines push an `EngineStatus` every 100 ms, which says whether they
+are ready and how loaded they are. New requests go to the least-loaded ready
+engine. An engine whose connection drops (its process died), that stops answering
+for `ENGINE_TIMEOUT_S`, or that answers as a new instance (it was restarted) fails
+all the requests it had in flight with a 503 and leaves routing until it is ready
+again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol.messages import (
     Abort,
@@ -30,6 +33,7 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
+from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
 
@@ -92,6 +96,9 @@ class EngineConnection:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock)
+        # Connection events: a dropped connection is how a dead engine shows first.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.status: EngineStatus | None = None
         self.last_seen = 0.0
@@ -99,6 +106,7 @@ class EngineConnection:
         # Requests sent since the engine's last report: counted in routing so a
         # burst spreads over engines before their reports catch up.
         self.unreported = 0
+        self.routed = 0  # requests sent to this engine, ever
 
     @property
     def ready(self) -> bool:
@@ -132,6 +140,7 @@ class EngineClient:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._recv_loop(e)) for e in self.engines]
+        self._tasks += [asyncio.create_task(self._monitor_loop(e)) for e in self.engines]
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 
     async def close(self) -> None:
@@ -140,6 +149,8 @@ class EngineClient:
         for e in self.engines:
             for s in list(e.streams.values()):
                 s.fail(RequestFailed("", 503, "the gateway is shutting down", "engine_unavailable"))
+            e.sock.disable_monitor()
+            e.monitor.close(0)
             e.sock.close(0)
         self.ctx.term()
 
@@ -155,6 +166,25 @@ class EngineClient:
     @property
     def ready(self) -> bool:
         return any(e.ready for e in self.engines)
+
+    @property
+    def in_flight(self) -> int:
+        """Engine requests sent and not yet finished, over all engines."""
+        return sum(len(e.streams) for e in self.engines)
+
+    def describe(self) -> list[dict]:
+        """Each engine's state, for /health."""
+        out = []
+        for e in self.engines:
+            s = e.status
+            out.append({
+                "endpoint": e.endpoint, "ready": e.ready, "state": s.state if s else "unreachable",
+                "engine_id": s.engine_id if s else None, "pid": s.pid if s else None,
+                "running": s.running if s else 0, "waiting": s.waiting if s else 0,
+                "kv_cache_usage": s.kv_cache_usage if s else 0.0, "in_flight": len(e.streams),
+                "routed": e.routed,
+            })
+        return out
 
     def ready_status(self) -> EngineStatus | None:
         for e in self.engines:
@@ -174,6 +204,7 @@ class EngineClient:
             engine.streams[r.request_id] = stream
             engine.send(r)
         engine.unreported += len(requests)
+        engine.routed += len(requests)
         return stream
 
     def release(self, stream: RequestStream, *, abort: bool) -> None:
@@ -234,6 +265,15 @@ class EngineClient:
         streams, engine.streams = engine.streams, {}
         for rid, stream in streams.items():
             stream.fail(RequestFailed(rid, 503, why, "engine_unavailable"))
+
+    async def _monitor_loop(self, engine: EngineConnection) -> None:
+        while True:
+            event = parse_monitor_message(await engine.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
+                log.error("lost the connection to engine %s at %s; failing its %d request(s)",
+                          engine.status.engine_id, engine.endpoint, len(engine.streams))
+                engine.status = None  # out of routing until it answers again
+                self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
 
     async def _heartbeat_loop(self) -> None:
         hello = Hello(self.gateway_id)

@@ -18,6 +18,7 @@ _TYPES = {
     422: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Callable, TypeVar
 
 import msgspec
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -46,6 +48,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, client: EngineClient | None = None) -> None:
         self.settings = settings
         self.client = client or EngineClient(settings.engine_endpoints)
+        # Set on SIGTERM: new work gets a 503 while what runs finishes.
+        self.draining = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -64,8 +68,14 @@ class Gateway:
 
     # ------------------------------------------------------------------- routes
 
+    def _check_open(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           type="service_unavailable_error", code="shutting_down")
+
     async def _decode(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, str]:
         """The validated request body, and the model name being served."""
+        self._check_open()
         body = await self._body(request)
         try:
             req = decode(body)
@@ -82,17 +92,23 @@ class Gateway:
         return await self._run(request, prepare_completion(req, model))
 
     async def models(self, request: Request) -> Response:
+        self._check_open()
         return json_response(model_list(self.client))
 
     async def health(self, request: Request) -> Response:
+        """200 while at least one engine is ready and the server is not draining;
+        the body lists every engine's state and load."""
+        engines = self.client.describe()
+        if self.draining:
+            return json_response({"status": "draining", "engines": engines}, 503)
         if self.client.ready:
-            return json_response({"status": "ok"})
-        return json_response({"status": "unavailable"}, 503)
+            return json_response({"status": "ok", "engines": engines})
+        return json_response({"status": "unavailable", "engines": engines}, 503)
 
     # ------------------------------------------------------------------ running
 
     async def _run(self, request: Request, call: Call) -> Response:
-        run = CallRun(self.client, call)
+        run = CallRun(self.client, call, self.settings.request_timeout_s)
         await self._until_disconnect(request, run.start())
         if not call.stream:
             # One disconnect watcher for the whole answer, not one per engine step.
@@ -190,12 +206,48 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
     return app
 
 
-def serve(settings: GatewaySettings) -> None:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM / SIGINT drains: new requests get a
+    503 (and /health too, so balancers move on), running ones may finish for up to
+    `drain_timeout_s`, then the server stops and the process exits 0. A second
+    signal stops at once."""
 
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, grace_s: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.gateway.draining or self._loop is None:
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        self.gateway.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        client = self.gateway.client
+        log.info("draining: %d request(s) in flight, up to %.0f s", client.in_flight, self.grace_s)
+        deadline = time.monotonic() + self.grace_s
+        while client.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if client.in_flight:
+            log.warning("drain time over; %d request(s) still running are cut off", client.in_flight)
+        else:
+            log.info("drained")
+        self.should_exit = True
+
+
+def serve(settings: GatewaySettings) -> None:
     app = build_app(settings)
     log.info("HTTP gateway on http://%s:%d, engines %s", settings.host, settings.port, ", ".join(settings.engine_endpoints))
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_level="warning", access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,
+        log_level="warning", access_log=False, timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, app.state.gateway, settings.drain_timeout_s).run()

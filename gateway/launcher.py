@@ -1,34 +1,48 @@
 """Starting engine processes from the gateway side, and `vllm-gateway serve`.
 
-`EngineProcesses` starts engine children on private ipc:// sockets and stops them;
+`plan_engines` decides how many engines run and on which devices (one per GPU
+group, or a share of the CPU cores each); `EngineProcesses` starts them on private
+ipc:// sockets, restarts one that dies (with backoff) and stops them;
 `wait_engines_ready` blocks until each answers ready over the protocol (or one
-exits, with its exit code as the reason). `launch` is `vllm-gateway serve`: an
-engine and the HTTP gateway as child processes, stopped together on Ctrl-C /
-SIGTERM.
+exits, with its exit code as the reason). `launch` is `vllm-gateway serve`: the
+engines and the HTTP gateway as child processes; on Ctrl-C / SIGTERM the gateway
+drains, then everything stops.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 
 import zmq
 
 from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
+from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.launcher")
 
 POLL_S = 0.5
 STOP_TIMEOUT_S = 30
 PR_SET_PDEATHSIG = 1
+# A dead engine is restarted after 1, 2, 4, ... up to 60 s; an engine that ran
+# for 2 minutes before dying starts over at 1 s.
+RESTART_BACKOFF_MIN_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
+RESTART_BACKOFF_RESET_S = 120.0
+ENGINE_START_TIMEOUT_S = float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600"))
+DRAIN_TIMEOUT_S = float(os.environ.get("DRAIN_TIMEOUT_S", "30"))
 
 
 class EngineStartFailed(RuntimeError):
@@ -52,9 +66,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """`python -m <args>` as a child that dies with us."""
-    return subprocess.Popen([sys.executable, "-m", *args], env=env, preexec_fn=_die_with_parent)
+def spawn(args: list[str], env: dict[str, str], cpus: set[int] | None = None) -> subprocess.Popen:
+    """`python -m <args>` as a child that dies with us (and runs on `cpus` only)."""
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen([sys.executable, "-m", *args], env=env, preexec_fn=setup)
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = STOP_TIMEOUT_S) -> None:
@@ -71,40 +90,166 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = STOP_TIMEOUT_
             p.wait()
 
 
-class EngineProcesses:
-    """Engine child processes, each bound to its own ipc:// socket in a private
-    directory."""
+@dataclasses.dataclass
+class EngineSlot:
+    """Where one engine runs: its endpoint, the devices it alone may use."""
 
-    def __init__(self, engine_argv: list[str], count: int = 1) -> None:
+    index: int
+    endpoint: str
+    env: dict[str, str]  # CUDA_VISIBLE_DEVICES, or the CPU cores for vLLM's OpenMP threads
+    cpus: set[int] | None = None  # CPU affinity of the whole engine process (CPU engines)
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES, else nvidia-smi),
+    found without importing torch."""
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [str(i) for i, _ in enumerate(line for line in out.stdout.splitlines() if line.startswith("GPU "))]
+
+
+def plan_engines(env: Mapping[str, str], engine_argv: list[str], run_dir: str,
+                 gpus: list[str] | None = None, cpus: list[int] | None = None) -> list[EngineSlot]:
+    """One engine per group of TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE GPUs
+    (NUM_ENGINES, or as many groups as there are GPUs). On CPU, NUM_ENGINES
+    engines (default 1), each on its own share of the cores. With Ray the engine
+    spans nodes: one engine, devices left to Ray."""
+    from engine.main import build_parser  # argument parsing only: no torch, no vLLM
+
+    from engine import args as engine_args
+
+    ns, _ = build_parser().parse_known_args(engine_argv)
+    settings = engine_args.collect(env, vars(ns))
+    group = settings.get("TENSOR_PARALLEL_SIZE", 1) * settings.get("PIPELINE_PARALLEL_SIZE", 1)
+    requested = env.get("NUM_ENGINES")
+    if requested is not None and (not requested.isdigit() or int(requested) < 1):
+        raise ValueError(f"NUM_ENGINES={requested!r}: a whole number >= 1")
+    endpoint = lambda i: f"ipc://{run_dir}/engine-{i}"  # noqa: E731
+    if settings.get("DISTRIBUTED_EXECUTOR_BACKEND") == "ray":
+        return [EngineSlot(i, endpoint(i), {}) for i in range(int(requested or 1))]
+    gpus = visible_gpus(env) if gpus is None else gpus
+    if gpus:
+        n = int(requested) if requested else max(1, len(gpus) // group)
+        if n * group > len(gpus):
+            raise ValueError(f"{n} engine(s) x {group} GPU(s) each need {n * group} GPUs; {len(gpus)} visible ({','.join(gpus)})")
+        return [EngineSlot(i, endpoint(i), {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * group:(i + 1) * group])})
+                for i in range(n)]
+    n = int(requested or 1)
+    if n == 1:
+        return [EngineSlot(0, endpoint(0), {})]
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    if n > len(cpus):
+        raise ValueError(f"NUM_ENGINES={n} CPU engines need at least {n} cores; {len(cpus)} available")
+    per, extra = divmod(len(cpus), n)
+    slots, start = [], 0
+    for i in range(n):
+        share = cpus[start:start + per + (1 if i < extra else 0)]
+        start += len(share)
+        slots.append(EngineSlot(i, endpoint(i), {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share))}, set(share)))
+    return slots
+
+
+class EngineProcesses:
+    """Engine child processes, one per slot, each on its own ipc:// socket in a
+    private directory. `poll()` restarts an engine that died, with backoff; an
+    engine that dies before it was ever ready is a configuration error, not a
+    crash, and raises `EngineStartFailed`."""
+
+    def __init__(self, engine_argv: list[str], env: Mapping[str, str] = os.environ) -> None:
         self.run_dir = tempfile.mkdtemp(prefix="vllm-gateway-")
-        self.endpoints = [f"ipc://{self.run_dir}/engine-{i}" for i in range(count)]
+        self.engine_argv = engine_argv
+        self.slots = plan_engines(env, engine_argv, self.run_dir)
+        self.endpoints = [s.endpoint for s in self.slots]
+        self.procs: list[subprocess.Popen] = [self._spawn(s) for s in self.slots]
+        self.started = [time.monotonic()] * len(self.slots)
+        self.ever_ready = [False] * len(self.slots)
+        self.restart_at: list[float | None] = [None] * len(self.slots)
+        self.backoff = [RESTART_BACKOFF_MIN_S] * len(self.slots)
+        self.restarts = 0
+        self.stopping = False
+        self._lock = threading.Lock()
+
+    def _spawn(self, slot: EngineSlot) -> subprocess.Popen:
         env = child_env()
-        self.procs = [
-            spawn(["engine", "--endpoint", ep, "--engine-id", str(i), *engine_argv], env)
-            for i, ep in enumerate(self.endpoints)
-        ]
-        log.info("started %d engine process(es): pid %s", count, ", ".join(str(p.pid) for p in self.procs))
+        for k, v in slot.env.items():
+            if k == "VLLM_CPU_OMP_THREADS_BIND" and k in env:
+                continue  # the operator's own binding wins
+            env[k] = v
+        args = ["engine", "--endpoint", slot.endpoint, "--engine-id", str(slot.index), *self.engine_argv]
+        p = spawn(args, env, cpus=slot.cpus)
+        where = ", ".join(f"{k}={v}" for k, v in slot.env.items())
+        log.info("engine %d: pid %d%s", slot.index, p.pid, f" ({where})" if where else "")
+        return p
+
+    def mark_ready(self) -> None:
+        self.ever_ready = [True] * len(self.slots)
 
     def exited(self) -> list[tuple[int, int]]:
-        """(engine index, exit code) of every engine that is no longer running."""
+        """(engine index, exit code) of every engine that is not running now."""
         return [(i, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
 
+    def poll(self) -> None:
+        with self._lock:
+            if self.stopping:
+                return
+            now = time.monotonic()
+            for i, code in self.exited():
+                if not self.ever_ready[i]:
+                    raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
+                at = self.restart_at[i]
+                if at is None:
+                    if now - self.started[i] > RESTART_BACKOFF_RESET_S:
+                        self.backoff[i] = RESTART_BACKOFF_MIN_S
+                    delay = self.backoff[i]
+                    self.backoff[i] = min(delay * 2, RESTART_BACKOFF_MAX_S)
+                    self.restart_at[i] = now + delay
+                    log.error("engine %d (pid %d) exited with code %s; restarting it in %.0f s",
+                              i, self.procs[i].pid, code, delay)
+                elif now >= at:
+                    self.restart_at[i] = None
+                    self.started[i] = now
+                    self.restarts += 1
+                    self.procs[i] = self._spawn(self.slots[i])
+
+    def supervise_in_thread(self) -> threading.Thread:
+        """Keep the engines running from a daemon thread (for the RunPod worker,
+        whose main thread belongs to the SDK)."""
+        def loop() -> None:
+            while not self.stopping:
+                try:
+                    self.poll()
+                except EngineStartFailed as e:
+                    log.error("%s", e)
+                time.sleep(POLL_S)
+
+        t = threading.Thread(target=loop, name="engine-supervisor", daemon=True)
+        t.start()
+        return t
+
     def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
         stop_processes(self.procs)
-        try:
-            os.rmdir(self.run_dir)
-        except OSError:
-            pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, timeout: float) -> list[EngineStatus]:
+def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, timeout: float,
+                       should_stop: Callable[[], bool] = lambda: False) -> list[EngineStatus]:
     """Block until every endpoint answers `ready`; raise `EngineStartFailed` if an
-    engine process exits first, reports failure, or `timeout` passes."""
+    engine process exits first, reports failure, `timeout` passes or `should_stop`."""
     ctx = zmq.Context()
     socks = []
     for ep in endpoints:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        secure_client(s)
         s.connect(ep)
         socks.append(s)
     ready: dict[int, EngineStatus] = {}
@@ -114,13 +259,15 @@ def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, ti
             if engines is not None and engines.exited():
                 i, code = engines.exited()[0]
                 raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
+            if should_stop():
+                raise EngineStartFailed("stopped while waiting for the engines")
             if time.monotonic() > deadline:
                 raise EngineStartFailed(f"engines not ready after {timeout:.0f} s: {sorted(set(range(len(socks))) - set(ready))}")
             for i, s in enumerate(socks):
                 if i in ready:
                     continue
                 s.send(encode(Hello("launcher")))
-                while s.poll(int(POLL_S * 1000 / len(socks))):
+                while i not in ready and s.poll(int(POLL_S * 1000 / len(socks))):
                     msg = decode_engine_message(s.recv())
                     if isinstance(msg, EngineStatus) and msg.state == "ready":
                         ready[i] = msg
@@ -130,6 +277,8 @@ def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, ti
         for s in socks:
             s.close(0)
         ctx.term()
+    if engines is not None:
+        engines.mark_ready()
     return [ready[i] for i in range(len(socks))]
 
 
@@ -155,30 +304,37 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    engines = EngineProcesses(engine_argv)
+    try:
+        engines = EngineProcesses(engine_argv)
+    except ValueError as e:
+        log.error("bad setting: %s", e)
+        return 2
     http = spawn(["gateway", "http", "--host", host, "--port", str(port),
                   "--engine-endpoints", ",".join(engines.endpoints)], child_env())
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log.info("HTTP gateway: pid %d", http.pid)
 
-    ready = False
     code = 0
     try:
-        while not stopping:
-            if http.poll() is not None or engines.exited():
-                name = "HTTP gateway" if http.poll() is not None else f"engine {engines.exited()[0][0]}"
-                log.error("the %s exited (code %s); stopping", name,
-                          http.returncode if http.poll() is not None else engines.exited()[0][1])
-                code = 1
-                break
-            if not ready and _healthy(url + "/health"):
-                ready = True
-                log.info("ready in %.1f s: OpenAI API at %s/v1 (Ctrl-C to stop)", time.monotonic() - started, url)
+        wait_engines_ready(engines.endpoints, engines, ENGINE_START_TIMEOUT_S, lambda: stopping or http.poll() is not None)
+        while not stopping and http.poll() is None and not _healthy(url + "/health"):
+            time.sleep(0.1)
+        if not stopping and http.poll() is None:
+            log.info("ready in %.1f s: OpenAI API at %s/v1 (Ctrl-C to stop)", time.monotonic() - started, url)
+        while not stopping and http.poll() is None:
+            engines.poll()
             time.sleep(POLL_S)
+        if http.poll() is not None:
+            log.error("the HTTP gateway exited (code %s); stopping", http.returncode)
+            code = 1
+    except EngineStartFailed as e:
+        if not stopping:
+            log.error("%s; stopping", e)
+            code = 1
     finally:
         log.info("stopping")
-        # Stop taking requests first, then the engines.
-        stop_processes([http])
+        # The gateway drains first (new requests get 503, running ones finish), then the engines stop.
+        stop_processes([http], timeout=DRAIN_TIMEOUT_S + 15)
         engines.stop()
         failed = [p.returncode for p in [http, *engines.procs] if p.returncode not in (0, -signal.SIGTERM)]
         if failed and code == 0:

@@ -107,7 +107,7 @@ class JobHandler:
 
     async def _run(self, call: Call) -> CallRun:
         client = await self._engines()
-        run = CallRun(client, call)
+        run = CallRun(client, call, self.settings.request_timeout_s)
         # However the job's task ends (done, failed, cancelled by RunPod while the
         # SDK was posting a batch), the engine slots are freed with it.
         task = asyncio.current_task()
@@ -208,7 +208,11 @@ def main(argv: list[str]) -> int:
     _, engine_argv = runpod.serverless.parser.parse_known_args(argv)
     engines = None
     if not os.environ.get("ENGINE_ENDPOINTS"):
-        engines = EngineProcesses(engine_argv)
+        try:
+            engines = EngineProcesses(engine_argv)
+        except ValueError as e:
+            log.error("bad setting: %s", e)
+            return 2
         settings.engine_endpoints = engines.endpoints
     try:
         try:
@@ -219,6 +223,8 @@ def main(argv: list[str]) -> int:
             return 1
         log.info("engines ready (model %s); starting the RunPod worker, concurrency %d",
                  statuses[0].model, settings.max_concurrency)
+        if engines is not None:
+            engines.supervise_in_thread()  # a dead engine is restarted; its jobs fail meanwhile
         handler = JobHandler(settings)
         sys.argv = [sys.argv[0], *argv]
         runpod.serverless.start({

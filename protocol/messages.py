@@ -160,6 +160,7 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     waiting: int = 0
     kv_cache_usage: float = 0.0
     error: str = ""
+    pid: int = 0  # the engine process, for operators and supervisors
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus]

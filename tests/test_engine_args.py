@@ -53,3 +53,38 @@ def test_cpu_defaults():
     settings, env = {}, {}
     apply_platform_defaults(settings, env, on_gpu=True, cpu_has_bf16=False)
     assert settings == {} and env == {}
+
+
+# ----------------------------------------------------------------- engine groups
+
+from gateway.launcher import plan_engines  # noqa: E402
+
+
+def test_one_engine_per_gpu_group():
+    slots = plan_engines({"TENSOR_PARALLEL_SIZE": "2"}, [], "/run", gpus=[str(i) for i in range(8)])
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3", "4,5", "6,7"]
+    assert [s.endpoint for s in slots] == [f"ipc:///run/engine-{i}" for i in range(4)]
+    # flags count like the environment; pipeline stages multiply the group
+    slots = plan_engines({}, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], "/r", gpus=list("01234567"))
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1,2,3", "4,5,6,7"]
+    slots = plan_engines({"NUM_ENGINES": "1", "TENSOR_PARALLEL_SIZE": "2"}, [], "/r", gpus=["3", "5", "6", "7"])
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["3,5"]
+    with pytest.raises(ValueError, match="need 6 GPUs"):
+        plan_engines({"NUM_ENGINES": "3", "TENSOR_PARALLEL_SIZE": "2"}, [], "/r", gpus=list("0123"))
+
+
+def test_cpu_engines_get_their_own_cores():
+    [one] = plan_engines({}, [], "/r", gpus=[], cpus=[0, 1, 2, 3])
+    assert one.env == {} and one.cpus is None  # one engine: vLLM binds as it likes
+    a, b = plan_engines({"NUM_ENGINES": "2"}, [], "/r", gpus=[], cpus=[0, 1, 2, 3, 4])
+    assert (a.cpus, b.cpus) == ({0, 1, 2}, {3, 4})
+    assert (a.env["VLLM_CPU_OMP_THREADS_BIND"], b.env["VLLM_CPU_OMP_THREADS_BIND"]) == ("0,1,2", "3,4")
+    with pytest.raises(ValueError, match="at least 3 cores"):
+        plan_engines({"NUM_ENGINES": "3"}, [], "/r", gpus=[], cpus=[0, 1])
+    with pytest.raises(ValueError, match="NUM_ENGINES"):
+        plan_engines({"NUM_ENGINES": "zero"}, [], "/r", gpus=[], cpus=[0])
+
+
+def test_ray_engine_spans_nodes():
+    [slot] = plan_engines({"DISTRIBUTED_EXECUTOR_BACKEND": "ray", "PIPELINE_PARALLEL_SIZE": "2"}, [], "/r", gpus=list("01"))
+    assert slot.env == {}

@@ -41,8 +41,10 @@ def test_serve_command_end_to_end(run_dir):
         assert r.usage.prompt_tokens <= 4  # "Hi there\n" alone, no system prompt
         with pytest.raises(openai.NotFoundError):
             c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
-        log = proc.log_path.read_text()
-        assert f"OpenAI API at {url}/v1" in log
+        deadline = time.monotonic() + 10  # the launcher logs it once it has seen /health too
+        while f"OpenAI API at {url}/v1" not in proc.log_path.read_text():
+            assert time.monotonic() < deadline, proc.tail()
+            time.sleep(0.2)
     finally:
         code = proc.stop(signal.SIGTERM, timeout=60)
     assert code == 0, proc.tail()

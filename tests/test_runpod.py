@@ -299,12 +299,23 @@ def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
 
 def test_worker_exits_nonzero_when_the_engine_cannot_start(run_dir):
     cwd = run_dir / "rp-bad-engine"
-    cwd.mkdir()
-    proc = Proc("runpod-bad-engine", ["gateway", "runpod"], child_env(MAX_MODEL_LEN="lots"), run_dir, cwd=cwd)
+    (cwd / "empty-model").mkdir(parents=True)
+    proc = Proc("runpod-bad-engine", ["gateway", "runpod"], child_env(MODEL_NAME=str(cwd / "empty-model")), run_dir, cwd=cwd)
     try:
-        code = proc.popen.wait(120)
+        code = proc.popen.wait(300)
     finally:
         proc.stop()
-    assert code == 1
     log = proc.log_path.read_text()
-    assert "MAX_MODEL_LEN='lots'" in log and "engine 0 exited with code 2" in log, log
+    assert code == 1 and "the worker cannot start: engine 0 exited with code" in log, log[-3000:]
+
+
+def test_worker_refuses_a_bad_setting_at_once(run_dir):
+    cwd = run_dir / "rp-bad-setting"
+    cwd.mkdir()
+    proc = Proc("runpod-bad-setting", ["gateway", "runpod"], child_env(MAX_MODEL_LEN="lots"), run_dir, cwd=cwd)
+    try:
+        code = proc.popen.wait(60)
+    finally:
+        proc.stop()
+    log = proc.log_path.read_text()
+    assert code == 2 and "MAX_MODEL_LEN='lots'" in log, log

@@ -1,0 +1,162 @@
+"""Integration: `vllm-gateway serve` with two real CPU engines (one core each):
+routing over both, an engine killed mid-stream, its restart, and a graceful drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import MODEL, Proc, child_env, free_port, wait_healthy
+
+
+class Stream(threading.Thread):
+    """One streamed completion, read to its end in a thread."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.body = {"model": MODEL, "prompt": "Tell me a long story:", "max_tokens": max_tokens,
+                     "stream": True, "ignore_eos": True}
+        self.events: list[dict | str] = []
+        self.error_at: float | None = None
+        self.status = 0
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=300) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                event = data if data == "[DONE]" else json.loads(data)
+                if isinstance(event, dict) and "error" in event and self.error_at is None:
+                    self.error_at = time.monotonic()
+                self.events.append(event)
+
+    @property
+    def tokens(self) -> int:
+        return sum(1 for e in self.events if isinstance(e, dict) and e.get("choices"))
+
+    @property
+    def intact(self) -> bool:
+        finish = [e["choices"][0]["finish_reason"] for e in self.events if isinstance(e, dict) and e.get("choices")]
+        return bool(finish) and finish[-1] == "length" and self.events[-1] == "[DONE]" and self.error_at is None
+
+    @property
+    def failed(self) -> bool:
+        return self.error_at is not None and self.events[-1] == "[DONE]"
+
+
+def health(url: str) -> tuple[int, dict]:
+    r = httpx.get(url + "/health", timeout=5)
+    return r.status_code, r.json()
+
+
+def wait_until(check, timeout: float, what: str, proc: Proc):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.alive(), proc.tail()
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{proc.tail()}")
+
+
+@pytest.fixture(scope="module")
+def two_engines(run_dir):
+    port = free_port()
+    proc = Proc("serve-two-engines", ["gateway", "serve", "--port", str(port), "--max-model-len", "1024"],
+                child_env(NUM_ENGINES="2", DRAIN_TIMEOUT_S="120"), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, [proc], 900)
+    wait_until(lambda: all(e["ready"] for e in health(url)[1]["engines"]), 600, "both engines", proc)
+    yield url, proc
+    proc.stop(signal.SIGKILL)
+
+
+def test_engines_bound_to_their_own_cores(two_engines):
+    url, proc = two_engines
+    _, h = health(url)
+    pids = [e["pid"] for e in h["engines"]]
+    assert len(pids) == 2 and all(e["ready"] for e in h["engines"])
+    if len(os.sched_getaffinity(0)) >= 2:
+        cores = [os.sched_getaffinity(pid) for pid in pids]
+        assert not (cores[0] & cores[1]), cores
+
+
+def test_kill_one_engine_mid_stream(two_engines):
+    url, proc = two_engines
+    streams = [Stream(url, 400) for _ in range(6)]
+    # every stream under way, on both engines
+    _, h = wait_until(lambda: all(s.tokens >= 2 for s in streams) and health(url), 300, "streams to start", proc)
+    engines = h["engines"]
+    assert all(e["in_flight"] >= 1 for e in engines), engines  # spread over both
+    victim, survivor = engines
+    killed_at = time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    # the victim's streams end with an error event and [DONE], within seconds
+    wait_until(lambda: sum(s.failed for s in streams) >= victim["in_flight"], 15, "the victim's streams to fail", proc)
+    assert all(s.error_at - killed_at < 10 for s in streams if s.failed)
+    for s in streams:
+        if s.failed:
+            err = next(e for e in s.events if isinstance(e, dict) and "error" in e)["error"]
+            assert err["type"] == "engine_unavailable" and "went away" in err["message"], err
+
+    # the gateway stays healthy and new requests go to the survivor
+    status, h = health(url)
+    assert status == 200 and [e["ready"] for e in h["engines"]] == [False, True], h
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3}, timeout=120)
+    assert r.status_code == 200, r.text
+
+    for s in streams:
+        s.join(300)
+    assert sum(s.failed for s in streams) == victim["in_flight"]
+    assert sum(s.intact for s in streams) == survivor["in_flight"]
+    assert all(s.tokens == 400 for s in streams if s.intact)
+
+    # the launcher restarts the victim, and it rejoins routing
+    def back():
+        status, h = health(url)
+        e = h["engines"][0]
+        return status == 200 and e["ready"] and e["pid"] != victim["pid"] and h
+    h = wait_until(back, 300, "the killed engine to come back", proc)
+    before = h["engines"][0]["routed"]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(httpx.post(
+        url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 20, "ignore_eos": True},
+        timeout=120).status_code)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
+    assert health(url)[1]["engines"][0]["routed"] > before
+    assert "restarting it in" in proc.log_path.read_text()
+
+
+def test_sigterm_drains_then_exits_zero(two_engines):
+    url, proc = two_engines
+    stream = Stream(url, 150)
+    wait_until(lambda: stream.tokens >= 2, 120, "the stream to start", proc)
+    proc.popen.send_signal(signal.SIGTERM)
+
+    def refused():
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+        return r.status_code == 503 and r
+    r = wait_until(refused, 10, "new requests to get 503", proc)
+    assert r.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(url + "/health", timeout=5).status_code == 503
+
+    stream.join(180)
+    assert stream.intact and stream.tokens == 150, stream.events[-3:]
+    assert proc.popen.wait(120) == 0, proc.tail()
+    assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
