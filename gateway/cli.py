@@ -54,7 +54,11 @@ def serve_main(argv: list[str]) -> int:
     from gateway.launcher import launch
 
     p = _http_parser("vllm-gateway serve")
+    p.add_argument("--num-engines", default=None,
+                   help="engines to start (NUM_ENGINES; default one per GPU group, 1 on CPU)")
     ns, engine_argv = p.parse_known_args(argv)
+    if ns.num_engines is not None:
+        os.environ["NUM_ENGINES"] = ns.num_engines
     return launch(ns.host, ns.port, engine_argv)
 
 

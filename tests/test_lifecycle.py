@@ -57,3 +57,25 @@ def test_client_disconnect_while_waiting_non_streaming_frees_engine(gateway_url,
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway_url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=2))
     assert wait_idle(endpoint), "engine still running the abandoned request"
+
+
+def test_request_timeout_aborts_the_engine_request(engine_endpoint, run_dir):
+    endpoint, engine = engine_endpoint
+    port = free_port()
+    proc = Proc("gateway-timeout", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+                child_env(REQUEST_TIMEOUT_S="1.5"), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "ignore_eos": True}
+    try:
+        wait_healthy(url, [proc, engine], 600)
+        start = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert time.monotonic() - start < 10
+        assert wait_idle(endpoint), "engine still running the timed-out request"
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and '"request_timeout"' in lines[-2], lines[-3:]
+        assert wait_idle(endpoint)
+    finally:
+        proc.stop()
