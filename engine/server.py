@@ -28,6 +28,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from engine import convert
+from engine.stats import RequestStats
+from protocol.metrics import EngineMetrics
 from protocol.transport import ServerKeys, secure_server
 from protocol.messages import (
     Abort,
@@ -50,6 +52,8 @@ log = logging.getLogger("engine.server")
 GATEWAY_TIMEOUT_S = 10.0
 # How often load is pushed to every gateway (routing and liveness both use it).
 STATUS_INTERVAL_S = 0.1
+# Metrics go out every 10th status: once a second.
+METRICS_EVERY_N_STATUS = 10
 # Prompts longer than this (in characters) are tokenized off the event loop.
 TOKENIZE_INLINE_MAX_CHARS = 8192
 
@@ -100,6 +104,8 @@ class EngineServer:
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
+        self.metrics: dict[bytes, EngineMetrics] = {}  # per gateway: its requests only
+        self.stats: dict[str, RequestStats] = {}
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
         self._stopping = asyncio.Event()
@@ -201,9 +207,29 @@ class EngineServer:
         for ident in list(self.gateways):
             self._send(ident, status)
 
+    def _metrics_for(self, ident: bytes) -> EngineMetrics:
+        m = self.metrics.get(ident)
+        if m is None:
+            m = self.metrics[ident] = EngineMetrics.new(self.config.engine_id, self.config.served_model_name, self.max_model_len)
+        return m
+
+    def _send_metrics(self) -> None:
+        kv = float(_LoadRecorder.latest["kv_cache_usage"])
+        for ident in list(self.gateways):
+            m = self._metrics_for(ident)
+            owned = [self.stats[rid] for rid, owner in self.owner.items() if owner == ident and rid in self.stats]
+            m.running = sum(1 for st in owned if st.started)
+            m.waiting = len(owned) - m.running
+            m.kv_cache_usage = kv
+            self._send(ident, m)
+
     async def _status_loop(self) -> None:
+        tick = 0
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
+            tick += 1
+            if tick % METRICS_EVERY_N_STATUS == 0:
+                self._send_metrics()
             now = time.monotonic()
             for ident, seen in list(self.gateways.items()):
                 if now - seen > GATEWAY_TIMEOUT_S:
@@ -215,6 +241,7 @@ class EngineServer:
 
     def _forget_gateway(self, ident: bytes) -> None:
         del self.gateways[ident]
+        self.metrics.pop(ident, None)
         orphans = [rid for rid, owner in self.owner.items() if owner == ident]
         if orphans:
             log.warning("a gateway went silent; aborting its %d request(s)", len(orphans))
@@ -248,6 +275,7 @@ class EngineServer:
     async def _generate(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
         assert self.llm is not None
+        stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
         try:
             prompt_ids, prompt_text = await self._render(req)
             max_tokens = self._max_tokens(len(prompt_ids), req.params.max_tokens)
@@ -256,8 +284,14 @@ class EngineServer:
             want_logprobs = req.params.logprobs is not None
             first = True
             num_prompt = len(prompt_ids)
+            reasons: list[str] = []
+            core_stats = None
             async for out in self.llm.generate(VllmTokensPrompt(prompt_token_ids=prompt_ids), params, rid):
+                stats.on_output(num_prompt, sum(len(c.token_ids) for c in out.outputs))
+                core_stats = out.metrics
                 for c in out.outputs:
+                    if c.finish_reason is not None:
+                        reasons.append(c.finish_reason)
                     delta = Delta(
                         request_id=rid,
                         index=c.index,
@@ -279,8 +313,9 @@ class EngineServer:
                                     self.tokenizer.decode(prompt_ids[:1]),
                                 )
                     self._queue(ident, delta)
+            stats.on_finish(reasons, core_stats)
         except asyncio.CancelledError:
-            pass  # aborted: vLLM has already freed the request inside generate()
+            stats.on_abort()  # vLLM has already freed the request inside generate()
         except BadRequest as e:
             self._send(ident, RequestFailed(rid, 400, str(e), param=e.param))
         except EngineDeadError:
@@ -297,6 +332,7 @@ class EngineServer:
         finally:
             self.tasks.pop(rid, None)
             self.owner.pop(rid, None)
+            self.stats.pop(rid, None)
 
     def _max_tokens(self, num_prompt: int, requested: int | None) -> int:
         limit = self.max_model_len

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from gateway import requests as oai_requests
 from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed
 from gateway.errors import APIError
+from gateway.metrics import TTFT
 from gateway.responses import ChatFormatter, CompletionFormatter
 from protocol.messages import Delta, EngineStatus, Generate, RequestFailed
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -93,6 +94,7 @@ class CallRun:
         self.call = call
         self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         self.timeout_s = timeout_s
+        self.submitted = time.monotonic()
         self.rs = submit(client, call.gens)
         self._first: list[Delta] = []
         self._closed = False
@@ -116,6 +118,7 @@ class CallRun:
     async def start(self) -> None:
         try:
             self._first = await self._next()
+            TTFT.observe(time.monotonic() - self.submitted)
         except BaseException:
             self.close()
             raise

@@ -24,6 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol.messages import (
     Abort,
+    EngineMetrics,
     Delta,
     EngineStatus,
     Generate,
@@ -107,6 +108,7 @@ class EngineConnection:
         # burst spreads over engines before their reports catch up.
         self.unreported = 0
         self.routed = 0  # requests sent to this engine, ever
+        self.metrics: EngineMetrics | None = None  # the engine's latest report
 
     @property
     def ready(self) -> bool:
@@ -234,6 +236,8 @@ class EngineClient:
                 self._dispatch(engine, msg.deltas)
             elif isinstance(msg, EngineStatus):
                 self._on_status(engine, msg)
+            elif isinstance(msg, EngineMetrics):
+                engine.metrics = msg
             elif isinstance(msg, RequestFailed):
                 stream = engine.streams.pop(msg.request_id, None)
                 if stream is not None:

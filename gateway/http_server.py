@@ -19,10 +19,12 @@ import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway import metrics
 from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import GatewaySettings
 from gateway.engine_client import EngineClient
@@ -41,7 +43,38 @@ def json_response(obj: object, status: int = 200) -> Response:
 
 
 def error_response(err: APIError) -> Response:
+    metrics.ERRORS.labels(err.type).inc()
     return Response(err.body(), status_code=err.status, media_type=JSON)
+
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class RequestMetrics:
+    """ASGI middleware: requests by route and status, and requests in flight."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(route, str(status)).inc()
 
 
 class Gateway:
@@ -122,9 +155,11 @@ class Gateway:
         try:
             async with contextlib.aclosing(run.batches()) as batches:
                 async for chunks in batches:
+                    metrics.HTTP_BATCHES.inc()
                     yield b"".join([sse(c) for c in chunks])
             yield SSE_DONE
         except APIError as e:
+            metrics.ERRORS.labels(e.type).inc()
             yield e.sse_event() + SSE_DONE
         finally:
             # Client gone, or done: either way the engine slots are freed now.
@@ -169,6 +204,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(exc.status_code, str(exc.detail)))
 
 
+async def _metrics(request: Request) -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
@@ -193,6 +233,7 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
             Route("/v1/completions", gw.completions, methods=["POST"]),
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/health", gw.health, methods=["GET"]),
+            Route("/metrics", _metrics, methods=["GET"]),
         ],
         exception_handlers={
             APIError: _api_error,
@@ -201,8 +242,10 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
             Exception: _unexpected,
         },
         lifespan=lifespan,
+        middleware=[Middleware(RequestMetrics)],
     )
     app.state.gateway = gw
+    metrics.watch_engines(lambda: gw.client)
     return app
 
 

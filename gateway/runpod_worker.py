@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import metrics
 from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import RunPodSettings
 from gateway.engine_client import EngineClient
@@ -88,14 +89,27 @@ class JobHandler:
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         """The RunPod handler: yields stream batches, or one whole answer."""
+        raw = job.get("input")
+        route = raw.get("openai_route", "standard") if isinstance(raw, dict) else "standard"
+        status = "200"
+        metrics.IN_FLIGHT.inc()
         try:
-            outputs = self._outputs(_parse(job.get("input")))
+            outputs = self._outputs(_parse(raw))
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
+                    metrics.RUNPOD_BATCHES.inc()
                     yield out
         except APIError as e:
+            status = str(e.status)
+            metrics.ERRORS.labels(e.type).inc()
             log.info("job %s failed: %s %s", job.get("id"), e.status, e.message)
             yield {"error": e.body().decode()}
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(route if route in OPENAI_ROUTES or route == "standard" else "other", status).inc()
 
     def _outputs(self, job: JobInput) -> AsyncIterator[Any]:
         if job.openai_route is None:
@@ -166,16 +180,21 @@ class JobHandler:
         pending = fmt.empty()
         count = 0  # tokens in `pending`
         sent = 0  # tokens yielded before `pending`
-        async with contextlib.aclosing(run.batches()) as batches:
-            async for pieces in batches:
-                for index, text, tokens in pieces:
-                    pending[index].append(text)
-                    count += tokens
-                    if count >= sizer.size:
-                        sent += count
-                        yield to_builtins(fmt.output(pending, sent))
-                        pending, count = fmt.empty(), 0
-                        sizer.grow()
+        try:
+            async with contextlib.aclosing(run.batches()) as batches:
+                async for pieces in batches:
+                    for index, text, tokens in pieces:
+                        pending[index].append(text)
+                        count += tokens
+                        if count >= sizer.size:
+                            sent += count
+                            yield to_builtins(fmt.output(pending, sent))
+                            pending, count = fmt.empty(), 0
+                            sizer.grow()
+        except APIError:
+            if count:  # what was generated before the failure still goes out
+                yield to_builtins(fmt.output(pending, sent + count))
+            raise
         if count or any(pending):
             yield to_builtins(fmt.output(pending, sent + count))
 
@@ -226,6 +245,11 @@ def main(argv: list[str]) -> int:
         if engines is not None:
             engines.supervise_in_thread()  # a dead engine is restarted; its jobs fail meanwhile
         handler = JobHandler(settings)
+        metrics.watch_engines(lambda: handler._client)
+        if os.environ.get("METRICS_PORT"):
+            host = os.environ.get("METRICS_HOST", "127.0.0.1")
+            metrics.serve_metrics(int(os.environ["METRICS_PORT"]), host)
+            log.info("Prometheus metrics on http://%s:%s/metrics", host, os.environ["METRICS_PORT"])
         sys.argv = [sys.argv[0], *argv]
         runpod.serverless.start({
             "handler": handler.handle,

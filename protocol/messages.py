@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 import msgspec
 
+from protocol.metrics import EngineMetrics
+
 # --------------------------------------------------------------------------- prompt
 
 
@@ -163,7 +165,7 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     pid: int = 0  # the engine process, for operators and supervisors
 
 
-EngineMessage = Union[Outputs, RequestFailed, EngineStatus]
+EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics]
 
 
 # --------------------------------------------------------------------------- codec

@@ -32,10 +32,13 @@ def queue(gateway_url):  # gateway_url: the shared engine is up and ready
     q.close()
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def worker(queue, engine_endpoint, run_dir):
     endpoint, _ = engine_endpoint
-    proc = start_worker("runpod-worker", queue, endpoint, run_dir)
+    proc = start_worker("runpod-worker", queue, endpoint, run_dir, METRICS_PORT=str(METRICS_PORT))
     yield proc
     proc.stop()
 
@@ -247,6 +250,26 @@ def test_cancelled_job_aborts_its_engine_request(queue, worker, engine_endpoint)
     # and the worker still takes jobs
     _, result = run(queue, worker, {"prompt": "Hi", "sampling_params": {"max_tokens": 2, "ignore_eos": True}})
     assert result["output"][0]["usage"]["output"] == 2
+
+
+def test_metrics_port(queue, worker):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run(queue, worker, {"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": True}})
+    run(queue, worker, {"prompt": ""})
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        gen = sum(v for (n, _), v in samples.items() if n == "vllm:generation_tokens_total")
+        if gen >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert gen >= 3
+    assert samples[("vllm_gateway:requests_total", (("route", "standard"), ("status", "200")))] >= 1
+    assert samples[("vllm_gateway:requests_total", (("route", "standard"), ("status", "400")))] >= 1
+    assert samples[("vllm_gateway:stream_batches_total", (("intake", "runpod"),))] >= 2
 
 
 def test_pings_reach_the_queue(queue, worker):

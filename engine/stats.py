@@ -1,0 +1,75 @@
+"""Per-request timing and token counts, folded into each gateway's `EngineMetrics`.
+
+vLLM's own Prometheus logger measures the same things engine-wide; here they are
+kept per gateway (see protocol/metrics.py), from what `AsyncLLM.generate` yields:
+the time of each output, its new tokens, and at the end vLLM's request stats
+(queue, prefill and decode timestamps of the engine core).
+"""
+
+from __future__ import annotations
+
+import time
+
+from protocol.metrics import EngineMetrics
+
+
+class RequestStats:
+    __slots__ = ("metrics", "start", "first", "last", "outputs", "generated", "prompt_tokens")
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.first = 0.0
+        self.last = 0.0
+        self.outputs = 0
+        self.generated = 0
+        self.prompt_tokens = 0
+
+    @property
+    def started(self) -> bool:
+        return self.outputs > 0
+
+    def on_output(self, num_prompt_tokens: int, new_tokens: int) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if self.outputs == 0:
+            self.first = now
+            self.prompt_tokens = num_prompt_tokens
+            m.prompt_tokens += num_prompt_tokens
+            m.observe("time_to_first_token_seconds", now - self.start)
+        elif new_tokens:
+            m.observe("inter_token_latency_seconds", now - self.last)
+        self.last = now
+        self.outputs += 1
+        self.generated += new_tokens
+        m.generation_tokens += new_tokens
+
+    def on_finish(self, reasons: list[str], core_stats: object | None) -> None:
+        """`reasons`: the finish reason of each choice; `core_stats`: vLLM's
+        RequestStateStats of the request, when it has them."""
+        m = self.metrics
+        now = time.monotonic()
+        for r in reasons:
+            m.finished(r)
+        m.observe("e2e_request_latency_seconds", now - self.start)
+        m.observe("request_prompt_tokens", self.prompt_tokens)
+        m.observe("request_generation_tokens", self.generated)
+        if self.generated > 1:
+            m.observe("request_time_per_output_token_seconds", (self.last - self.first) / (self.generated - 1))
+        queued = getattr(core_stats, "queued_ts", 0.0)
+        scheduled = getattr(core_stats, "scheduled_ts", 0.0)
+        first_token = getattr(core_stats, "first_token_ts", 0.0)
+        last_token = getattr(core_stats, "last_token_ts", 0.0)
+        if queued and scheduled >= queued:
+            m.observe("request_queue_time_seconds", scheduled - queued)
+        if scheduled and first_token >= scheduled:
+            m.observe("request_prefill_time_seconds", first_token - scheduled)
+        if first_token and last_token >= first_token:
+            m.observe("request_decode_time_seconds", last_token - first_token)
+        if scheduled and last_token >= scheduled:
+            m.observe("request_inference_time_seconds", last_token - scheduled)
+        m.preemptions += getattr(core_stats, "num_preemptions", 0)
+
+    def on_abort(self) -> None:
+        self.metrics.finished("abort")
+        self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - self.start)
