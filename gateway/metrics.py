@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from protocol.metrics import TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics
+from protocol.metrics import HISTOGRAMS, TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics
 
 if TYPE_CHECKING:
     from gateway.engine_client import EngineClient
@@ -72,7 +72,7 @@ class EngineCollector:
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels)
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=[*labels, "finished_reason"])
-        histograms: dict[str, HistogramMetricFamily] = {}
+        histograms = {name: HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=labels) for name in HISTOGRAMS}
         for e in engines:
             up.add_metric([e.status.engine_id if e.status else "", e.endpoint], 1.0 if e.ready else 0.0)
             m: EngineMetrics | None = e.metrics
@@ -88,9 +88,7 @@ class EngineCollector:
             for reason, n in sorted(m.success.items()):
                 success.add_metric([*values, reason], n)
             for name, h in m.histograms.items():
-                family = histograms.get(name)
-                if family is None:
-                    family = histograms[name] = HistogramMetricFamily(f"vllm:{name}", _HELP.get(name, name), labels=labels)
+                family = histograms[name]
                 cumulative, buckets = 0, []
                 for bound, n in zip(h.bounds, h.counts):
                     cumulative += n

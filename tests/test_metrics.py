@@ -97,3 +97,23 @@ def test_each_gateway_exposes_its_own_share(gateway_url, engine_endpoint, run_di
             assert value(a_after, name, engine="0") == value(a_before, name, engine="0"), name
     finally:
         second.stop()
+
+
+def test_dashboard_and_scrape_config_use_exposed_metrics(gateway_url):
+    import json
+    import re
+
+    from conftest import ROOT
+
+    deadline = time.monotonic() + 10
+    while True:  # the engine's first report comes within a second
+        families = list(text_string_to_metric_families(httpx.get(gateway_url + "/metrics").text))
+        exposed = {f.name + suffix for f in families for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+        if any(f.name == "vllm:kv_cache_usage_perc" and f.samples for f in families) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "vllm-gateway.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(vllm(?:_gateway)?:[a-z0-9_]+)", e)}
+    assert used and used <= exposed, used - exposed
+    assert "/metrics" in (ROOT / "deploy" / "prometheus.yml").read_text()
