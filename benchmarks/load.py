@@ -196,6 +196,8 @@ def plot(results: list[Result], path: str, title: str) -> bool:
     itl = sorted((b - a) * 1000 for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:]))
     axes[1].plot(itl, [i / max(1, len(itl)) for i in range(len(itl))])
     axes[1].set(title="Inter-token latency (CDF)", xlabel="ms", ylabel="fraction")
+    if itl:
+        axes[1].set_xlim(0, pct(itl, 0.999) * 1.2)  # the rare long gap (a prefill) would flatten the curve
     times = sorted(t - t0 for r in ok for t in r.chunk_times)
     if times:
         width = max(0.5, times[-1] / 60)
