@@ -46,22 +46,33 @@ def merge(deltas: list[Delta]) -> list[Delta]:
     """One delta per (request, choice), in order of first appearance."""
     if len(deltas) < 2:
         return deltas
-    by_key: dict[tuple[str, int], Delta] = {}
+    groups: dict[tuple[str, int], list[Delta]] = {}
     for d in deltas:
         key = (d.request_id, d.index)
-        prev = by_key.get(key)
-        if prev is None:
-            by_key[key] = d
-            continue
-        logprobs = prev.logprobs
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [d]
+        else:
+            group.append(d)
+    if len(groups) == len(deltas):
+        return deltas
+    return [g[0] if len(g) == 1 else _joined(g) for g in groups.values()]
+
+
+def _joined(group: list[Delta]) -> Delta:
+    """Consecutive deltas of one choice as one (texts and tokens joined once)."""
+    first, last = group[0], group[-1]
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+    for d in group:
+        token_ids += d.token_ids
         if d.logprobs is not None:
             logprobs = (logprobs or []) + d.logprobs
-        by_key[key] = Delta(
-            d.request_id, d.index, prev.text + d.text, prev.token_ids + d.token_ids,
-            d.num_prompt_tokens, d.finish_reason, d.stop_reason, logprobs,
-            prev.prompt_text, prev.prompt_token_ids, prev.prompt_logprobs,
-        )
-    return list(by_key.values())
+    return Delta(
+        first.request_id, first.index, "".join([d.text for d in group]), token_ids,
+        last.num_prompt_tokens, last.finish_reason, last.stop_reason, logprobs,
+        first.prompt_text, first.prompt_token_ids, first.prompt_logprobs,
+    )
 
 
 class _Book:
