@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from load import pct  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from procs import free_port, wait_ready  # noqa: E402
 
 
 class Counters:
@@ -126,21 +120,6 @@ async def drive(port: int, streams: int, output_len: int, warmup: float, duratio
     }
 
 
-def wait_healthy(url: str, timeout: float = 30) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("gateway not healthy")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=512)
@@ -161,7 +140,7 @@ def main() -> None:
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port),
                                 "--engine-endpoints", endpoint], env=env, cwd=ROOT)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}")
+        wait_ready(f"http://127.0.0.1:{port}/health", gateway, 60)
         result = asyncio.run(drive(port, a.streams, a.output_len, a.warmup, a.duration, psutil.Process(gateway.pid)))
         result.update(step_ms=a.step_ms, tokens_per_step=a.tokens_per_step,
                       offered_tokens_per_s=round(a.streams * a.tokens_per_step / (a.step_ms / 1000)))

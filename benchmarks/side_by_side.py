@@ -17,11 +17,9 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -30,27 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from load import plot, run_load  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("server not ready")
+from procs import free_port, wait_ready  # noqa: E402
 
 
 def cpu_by_role(root: psutil.Process, classify) -> dict[str, float]:
@@ -86,7 +64,7 @@ def measure(name: str, cmd: list[str], env: dict, base: str, classify, load_args
     print(f"== {name}: starting", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(base, proc)
+        wait_ready(base + "/v1/models", proc)
         root = psutil.Process(proc.pid)
         asyncio.run(run_load(base + "/v1", **{**load_args, "num_requests": 8, "progress": False}))  # warm up
         before = cpu_by_role(root, classify)

@@ -317,6 +317,7 @@ def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
         assert "engines ready" in proc.log_path.read_text()
     finally:
         code = proc.stop(signal.SIGINT, timeout=60)
+    assert code == 0, proc.tail()
     assert "Traceback" not in proc.log_path.read_text(), proc.tail(100)
 
 
