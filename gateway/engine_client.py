@@ -136,7 +136,6 @@ class EngineClient:
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
-        self._ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,11 +156,13 @@ class EngineClient:
         self.ctx.term()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        """Until some engine is ready now (one may be restarting); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     # --------------------------------------------------------------------- status
 
@@ -262,8 +263,6 @@ class EngineClient:
         engine.status = status
         engine.last_seen = time.monotonic()
         engine.unreported = 0
-        if status.state == "ready":
-            self._ready.set()
 
     def _fail_all(self, engine: EngineConnection, why: str) -> None:
         streams, engine.streams = engine.streams, {}

@@ -343,3 +343,37 @@ def test_worker_refuses_a_bad_setting_at_once(run_dir):
         proc.stop()
     log = proc.log_path.read_text()
     assert code == 2 and "MAX_MODEL_LEN='lots'" in log, log
+
+
+def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
+    """The worker's own engine killed mid-job: the job fails at once with the OpenAI
+    error; the worker restarts the engine, and the next job waits for it and succeeds."""
+    import os
+    import re
+
+    q = JobQueue()
+    cwd = run_dir / "rp-own-engine"
+    cwd.mkdir()
+    proc = Proc("runpod-own-engine", ["gateway", "runpod", "--max-model-len", "1024"],
+                child_env(MAX_CONCURRENCY="4", **q.env()), run_dir, cwd=cwd)
+    try:
+        job = q.submit({"prompt": "Count:", "stream": True, "sampling_params": {"max_tokens": 1000, "ignore_eos": True}})
+        try:
+            q.wait_stream(job, 2, timeout=600)
+        except TimeoutError:
+            raise AssertionError(proc.tail()) from None
+        pid = int(re.search(r"engine 0: pid (\d+)", proc.log_path.read_text()).group(1))
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        err = job_error(q.wait_done(job, 30))
+        assert time.monotonic() - killed < 10
+        assert err["type"] == "engine_unavailable" and "went away" in err["message"], err
+        assert q.stream[job], "the batches sent before the failure stay sent"
+
+        _, result = q.run({"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": True}}, timeout=600)
+        assert result["output"][0]["usage"]["output"] == 3, result
+        assert "restarting it in" in proc.log_path.read_text()
+    finally:
+        code = proc.stop(signal.SIGTERM, timeout=60)
+        q.close()
+    assert code == 0, proc.tail()
