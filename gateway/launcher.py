@@ -172,7 +172,6 @@ class EngineProcesses:
         self.ever_ready = [False] * len(self.slots)
         self.restart_at: list[float | None] = [None] * len(self.slots)
         self.backoff = [RESTART_BACKOFF_MIN_S] * len(self.slots)
-        self.restarts = 0
         self.stopping = False
         self._lock = threading.Lock()
 
@@ -215,7 +214,6 @@ class EngineProcesses:
                 elif now >= at:
                     self.restart_at[i] = None
                     self.started[i] = now
-                    self.restarts += 1
                     self.procs[i] = self._spawn(self.slots[i])
 
     def supervise_in_thread(self) -> threading.Thread:
