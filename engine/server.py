@@ -215,12 +215,14 @@ class EngineServer:
 
     def _send_metrics(self) -> None:
         kv = float(_LoadRecorder.latest["kv_cache_usage"])
-        for ident in list(self.gateways):
+        counts: dict[bytes, list[int]] = {ident: [0, 0] for ident in self.gateways}  # running, waiting
+        for rid, st in self.stats.items():
+            c = counts.get(self.owner.get(rid, b""))
+            if c is not None:
+                c[0 if st.started else 1] += 1
+        for ident, (running, waiting) in counts.items():
             m = self._metrics_for(ident)
-            owned = [self.stats[rid] for rid, owner in self.owner.items() if owner == ident and rid in self.stats]
-            m.running = sum(1 for st in owned if st.started)
-            m.waiting = len(owned) - m.running
-            m.kv_cache_usage = kv
+            m.running, m.waiting, m.kv_cache_usage = running, waiting, kv
             self._send(ident, m)
 
     async def _status_loop(self) -> None:

@@ -10,6 +10,18 @@ from engine.args import parse_bool  # stdlib only: no vLLM behind it
 from protocol.endpoints import parse_endpoints
 
 
+def _env(env: Mapping[str, str], name: str, default, parse=str):
+    """`name` from `env`, parsed; unset or empty: `default`. A bad value raises
+    ValueError naming the variable."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r}: {e}") from None
+
+
 @dataclasses.dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
@@ -26,14 +38,14 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
         return cls(
-            host=env.get("HOST", cls.host),
-            port=int(env.get("PORT", cls.port)),
+            host=_env(env, "HOST", cls.host),
+            port=_env(env, "PORT", cls.port, int),
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
-            response_role=env.get("OPENAI_RESPONSE_ROLE") or cls.response_role,
-            max_body_bytes=int(env.get("MAX_REQUEST_BODY_BYTES", cls.max_body_bytes)),
-            drain_timeout_s=float(env.get("DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
-            request_timeout_s=float(env.get("REQUEST_TIMEOUT_S", cls.request_timeout_s)),
-            stream_interval_ms=float(env.get("STREAM_INTERVAL_MS", cls.stream_interval_ms)),
+            response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
+            max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
+            drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
+            request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
+            stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
         )
 
 
@@ -56,13 +68,7 @@ class RunPodSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
         def get(name: str, default, parse=str):
-            raw = env.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                return parse(raw)
-            except ValueError as e:
-                raise ValueError(f"{name}={raw!r}: {e}") from None
+            return _env(env, name, default, parse)
 
         s = cls(
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),

@@ -254,8 +254,8 @@ def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, ti
     deadline = time.monotonic() + timeout
     try:
         while len(ready) < len(socks):
-            if engines is not None and engines.exited():
-                i, code = engines.exited()[0]
+            if engines is not None and (dead := engines.exited()):
+                i, code = dead[0]
                 raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
             if should_stop():
                 raise EngineStartFailed("stopped while waiting for the engines")

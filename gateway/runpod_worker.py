@@ -119,8 +119,7 @@ class JobHandler:
                            + ", ".join(OPENAI_ROUTES), param="openai_route", code="unknown_route")
         return self._openai(job)
 
-    async def _run(self, call: Call) -> CallRun:
-        client = await self._engines()
+    async def _run(self, client: EngineClient, call: Call) -> CallRun:
         run = CallRun(client, call, self.settings.request_timeout_s)
         # However the job's task ends (done, failed, cancelled by RunPod while the
         # SDK was posting a batch), the engine slots are freed with it.
@@ -144,7 +143,7 @@ class JobHandler:
                 call = prepare_completion(completion_request_from_dict(body), model)
         except msgspec.ValidationError as e:
             raise from_validation(e, "openai_input") from None
-        run = await self._run(call)
+        run = await self._run(client, call)
         if not call.stream:
             yield to_builtins(await run.collect())
             return
@@ -172,7 +171,7 @@ class JobHandler:
     async def _standard(self, job: JobInput) -> AsyncIterator[Any]:
         gen = job_generate(job, f"job-{uuid.uuid4().hex}")
         fmt = JobFormatter(gen.request_id, gen.params.n)
-        run = await self._run(Call([gen], fmt, "prompt", job.stream, False))
+        run = await self._run(await self._engines(), Call([gen], fmt, "prompt", job.stream, False))
         if not job.stream:
             yield to_builtins(await run.collect())
             return
