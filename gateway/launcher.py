@@ -66,14 +66,29 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def spawn(args: list[str], env: dict[str, str], cpus: set[int] | None = None) -> subprocess.Popen:
-    """`python -m <args>` as a child that dies with us (and runs on `cpus` only)."""
+def spawn(args: list[str], env: dict[str, str], cpus: set[int] | None = None,
+          own_group: bool = False) -> subprocess.Popen:
+    """`python -m <args>` as a child that dies with us (and runs on `cpus` only;
+    with `own_group`, leads a process group of its own: see `kill_group`)."""
     def setup() -> None:
         _die_with_parent()
+        if own_group:
+            os.setpgrp()
         if cpus:
             os.sched_setaffinity(0, cpus)
 
     return subprocess.Popen([sys.executable, "-m", *args], env=env, preexec_fn=setup)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Kill what is left of a process group led by `p`. An engine killed outright
+    (SIGKILL, the OOM killer) leaves vLLM's engine-core and worker processes
+    behind, holding the model's memory (on a GPU, the GPU's): a restart would not
+    fit. They share the engine's process group, so they go with it."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = STOP_TIMEOUT_S) -> None:
@@ -182,7 +197,7 @@ class EngineProcesses:
                 continue  # the operator's own binding wins
             env[k] = v
         args = ["engine", "--endpoint", slot.endpoint, "--engine-id", str(slot.index), *self.engine_argv]
-        p = spawn(args, env, cpus=slot.cpus)
+        p = spawn(args, env, cpus=slot.cpus, own_group=True)
         where = ", ".join(f"{k}={v}" for k, v in slot.env.items())
         log.info("engine %d: pid %d%s", slot.index, p.pid, f" ({where})" if where else "")
         return p
@@ -204,6 +219,7 @@ class EngineProcesses:
                     raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
                 at = self.restart_at[i]
                 if at is None:
+                    kill_group(self.procs[i])
                     if now - self.started[i] > RESTART_BACKOFF_RESET_S:
                         self.backoff[i] = RESTART_BACKOFF_MIN_S
                     delay = self.backoff[i]
@@ -235,6 +251,8 @@ class EngineProcesses:
         with self._lock:
             self.stopping = True
         stop_processes(self.procs)
+        for p in self.procs:
+            kill_group(p)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from conftest import MODEL, Proc, child_env, free_port, wait_healthy
@@ -100,6 +101,8 @@ def test_kill_one_engine_mid_stream(two_engines):
     engines = h["engines"]
     assert all(e["in_flight"] >= 1 for e in engines), engines  # spread over both
     victim, survivor = engines
+    leftovers = psutil.Process(victim["pid"]).children(recursive=True)  # vLLM's engine core and workers
+    assert leftovers
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
 
@@ -129,6 +132,8 @@ def test_kill_one_engine_mid_stream(two_engines):
         e = h["engines"][0]
         return status == 200 and e["ready"] and e["pid"] != victim["pid"] and h
     h = wait_until(back, 300, "the killed engine to come back", proc)
+    # the dead engine's vLLM processes were reaped, not left holding its memory
+    assert not [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     before = h["engines"][0]["routed"]
     results = []
     threads = [threading.Thread(target=lambda: results.append(httpx.post(
