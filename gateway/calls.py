@@ -83,38 +83,53 @@ def submit(client: EngineClient, gens: list[Generate]) -> RequestStream:
         raise no_engine() from None
 
 
+class ClientGone(Exception):
+    """The client went away; nothing more is sent."""
+
+
 class CallRun:
     """A call submitted to an engine. `start()` waits for the engine to accept it
     (its first output), so that a request the engine rejects fails before any
     stream begins. Whatever way the run ends, `close()` frees the engine slots;
-    it is called by `collect()` and `batches()` themselves, and is safe to repeat."""
+    it is called by `collect()` and at the end of a stream, and is safe to repeat.
+
+    A stream is read with `next_batch()` (a plain coroutine per batch: this is
+    the path every streamed token takes) or `batches()`."""
 
     def __init__(self, client: EngineClient, call: Call, timeout_s: float = 0, stream_interval_s: float = 0) -> None:
         self.client = client
         self.call = call
         self.stream_interval_s = stream_interval_s
-        self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         self.timeout_s = timeout_s
         self.submitted = time.monotonic()
         self.rs = submit(client, call.gens)
-        self._first: list[Delta] = []
+        # One timer for the whole request, not a timeout around every engine step.
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire) if timeout_s > 0 else None
+        self._first: list[Delta] | None = None  # the engine's first output, until streamed
+        self._usage_due = call.include_usage
         self._closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
             self.client.release(self.rs, abort=not self.call.fmt.book.done)
+
+    def _expire(self) -> None:
+        self.rs.interrupt(APIError(
+            504, f"the request took longer than REQUEST_TIMEOUT_S={self.timeout_s:g} s and was stopped",
+            type="timeout_error", code="request_timeout"))
+
+    def client_gone(self) -> None:
+        """The client disconnected: the stream ends with `ClientGone`."""
+        self.rs.interrupt(ClientGone())
 
     async def _next(self) -> list[Delta]:
         try:
-            if self.deadline is None:
-                return await self.rs.next()
-            return await asyncio.wait_for(self.rs.next(), max(0.0, self.deadline - time.monotonic()))
+            return await self.rs.next()
         except StreamFailed as e:
             raise engine_error(e.failure, self.call.prompt_param) from None
-        except asyncio.TimeoutError:
-            raise APIError(504, f"the request took longer than REQUEST_TIMEOUT_S={self.timeout_s:g} s and was stopped",
-                           type="timeout_error", code="request_timeout") from None
 
     async def start(self) -> None:
         try:
@@ -128,28 +143,38 @@ class CallRun:
         """The whole response object (non-streaming)."""
         fmt = self.call.fmt
         try:
-            fmt.add(self._first)
+            fmt.add(self._first or [])
             while not fmt.book.done:
                 fmt.add(await self._next())
         finally:
             self.close()
         return fmt.response()
 
+    async def next_batch(self) -> list[object] | None:
+        """The chunk objects of the next engine output batch (the opening chunk
+        with the first, the usage chunk last when asked for); None at the end.
+        `[DONE]` is the caller's to add."""
+        fmt = self.call.fmt
+        first = self._first
+        if first is not None:
+            self._first = None
+            opening = [self.call.opening()] if self.call.opening is not None else []
+            return opening + fmt.chunks(first)
+        if not fmt.book.done:
+            if self.stream_interval_s:
+                # Stream batching: at most one write per interval; what the
+                # engine produced meanwhile goes out merged, one chunk per choice.
+                await asyncio.sleep(self.stream_interval_s)
+            return fmt.chunks(await self._next())
+        if self._usage_due:
+            self._usage_due = False
+            return [fmt.usage_chunk()]
+        return None
+
     async def batches(self) -> AsyncIterator[list[object]]:
-        """Chunk objects, one list per engine output batch; the usage chunk last
-        when asked for. `[DONE]` is the caller's to add."""
-        call, fmt = self.call, self.call.fmt
+        """`next_batch()` as an async iterator; closes the run when it ends."""
         try:
-            opening = [call.opening()] if call.opening is not None else []
-            yield opening + list(fmt.chunks(self._first))
-            interval = self.stream_interval_s
-            while not fmt.book.done:
-                if interval:
-                    # Stream batching: at most one write per interval; what the
-                    # engine produced meanwhile goes out merged, one chunk per choice.
-                    await asyncio.sleep(interval)
-                yield list(fmt.chunks(await self._next()))
-            if call.include_usage:
-                yield [fmt.usage_chunk()]
+            while (chunks := await self.next_batch()) is not None:
+                yield chunks
         finally:
             self.close()

@@ -47,25 +47,29 @@ class RequestStream:
     """What one client request receives from its engine request(s).
 
     `next()` returns every delta that arrived since the last call (so a slow
-    consumer catches up in one go), or raises the request's failure."""
+    consumer catches up in one go), or raises the request's failure: the engine's
+    (`StreamFailed`), or whatever `interrupt()` was given (a timeout, a client gone)."""
 
-    __slots__ = ("request_ids", "engine", "_items", "_waiter", "failure", "_open")
+    __slots__ = ("request_ids", "engine", "_items", "_waiter", "error")
 
     def __init__(self, request_ids: list[str], engine: "EngineConnection") -> None:
         self.request_ids = request_ids
         self.engine = engine
         self._items: list[Delta] = []
         self._waiter: asyncio.Future | None = None
-        self.failure: RequestFailed | None = None
-        self._open = len(request_ids)  # engine requests not yet finished
+        self.error: Exception | None = None
 
     def push(self, delta: Delta) -> None:
         self._items.append(delta)
         self._wake()
 
     def fail(self, failure: RequestFailed) -> None:
-        if self.failure is None:
-            self.failure = failure
+        self.interrupt(StreamFailed(failure))
+
+    def interrupt(self, error: Exception) -> None:
+        """End the stream with `error` (raised by `next()`); the first error wins."""
+        if self.error is None:
+            self.error = error
         self._wake()
 
     def _wake(self) -> None:
@@ -75,8 +79,8 @@ class RequestStream:
 
     async def next(self) -> list[Delta]:
         while not self._items:
-            if self.failure is not None:
-                raise StreamFailed(self.failure)
+            if self.error is not None:
+                raise self.error
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None

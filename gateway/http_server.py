@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Callable, TypeVar
 
 import msgspec
@@ -21,11 +20,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import metrics
-from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
+from gateway.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import GatewaySettings
 from gateway.engine_client import EngineClient
 from gateway.errors import APIError, from_validation
@@ -140,36 +139,19 @@ class Gateway:
 
     # ------------------------------------------------------------------ running
 
-    async def _run(self, request: Request, call: Call) -> Response:
+    async def _run(self, request: Request, call: Call) -> Response | SSEResponse:
         run = CallRun(self.client, call, self.settings.request_timeout_s, self.settings.stream_interval_ms / 1000)
         await self._until_disconnect(request, run.start())
         if not call.stream:
             # One disconnect watcher for the whole answer, not one per engine step.
             return json_response(await self._until_disconnect(request, run.collect()))
-        return StreamingResponse(
-            self._sse(run), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def _sse(self, run: CallRun) -> AsyncIterator[bytes]:
-        try:
-            async with contextlib.aclosing(run.batches()) as batches:
-                async for chunks in batches:
-                    metrics.HTTP_BATCHES.inc()
-                    yield b"".join([sse(c) for c in chunks])
-            yield SSE_DONE
-        except APIError as e:
-            metrics.ERRORS.labels(e.type).inc()
-            yield e.sse_event() + SSE_DONE
-        finally:
-            # Client gone, or done: either way the engine slots are freed now.
-            run.close()
+        return SSEResponse(run)
 
     async def _until_disconnect(self, request: Request, awaitable):
         """Await `awaitable`, but give up (and let the caller abort the engine
         request) if the client disconnects meanwhile."""
         work = asyncio.ensure_future(awaitable)
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -180,13 +162,50 @@ class Gateway:
         raise ClientGone()
 
 
-class ClientGone(Exception):
-    pass
+SSE_START = {
+    "type": "http.response.start", "status": 200,
+    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")],
+}
 
 
-async def _disconnected(request: Request) -> None:
+class SSEResponse:
+    """A streamed answer as server-sent events, one write per engine output batch.
+
+    Every streamed token passes through here, so it is an ASGI response of its own
+    rather than a StreamingResponse over async generators: one coroutine call per
+    batch, and one task that waits for the client to disconnect (which ends the
+    stream and frees the engine slots at once)."""
+
+    def __init__(self, run: CallRun) -> None:
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        run = self.run
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
+        try:
+            await send(SSE_START)
+            try:
+                while (chunks := await run.next_batch()) is not None:
+                    metrics.HTTP_BATCHES.inc()
+                    await send({"type": "http.response.body", "body": b"".join([sse(c) for c in chunks]),
+                                "more_body": True})
+                tail = SSE_DONE
+            except ClientGone:
+                return
+            except APIError as e:
+                metrics.ERRORS.labels(e.type).inc()
+                tail = e.sse_event() + SSE_DONE
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            gone.cancel()
+            run.close()  # done, failed or client gone: the engine slots are freed now
+
+
+async def _disconnected(receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
