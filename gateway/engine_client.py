@@ -16,10 +16,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol.messages import (
@@ -34,6 +33,7 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
+from protocol.channel import Channel, unbounded
 from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
@@ -95,16 +95,19 @@ class StreamFailed(Exception):
 
 
 class EngineConnection:
-    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context) -> None:
+    def __init__(
+        self, endpoint: str, ctx: zmq.Context,
+        on_message: Callable[[EngineConnection, bytes], None],
+        on_connection_event: Callable[[EngineConnection, dict], None],
+    ) -> None:
         self.endpoint = endpoint
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        secure_client(self.sock)
+        sock = unbounded(ctx.socket(zmq.DEALER))
+        secure_client(sock)
         # Connection events: a dropped connection is how a dead engine shows first.
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.sock.connect(endpoint)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(endpoint)
+        self.channel = Channel(sock, lambda frames: on_message(self, frames[0]))
+        self.monitor = Channel(monitor, lambda frames: on_connection_event(self, parse_monitor_message(frames)))
         self.status: EngineStatus | None = None
         self.last_seen = 0.0
         self.streams: dict[str, RequestStream] = {}
@@ -129,14 +132,19 @@ class EngineConnection:
         return s.running + s.waiting + self.unreported + s.kv_cache_usage
 
     def send(self, msg: object) -> None:
-        self.sock.send(encode(msg), copy=False)
+        self.channel.send((encode(msg),))
+
+    def close(self) -> None:
+        self.channel.sock.disable_monitor()
+        self.monitor.close()
+        self.channel.close()
 
 
 class EngineClient:
     def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None) -> None:
         self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ctx = zmq.asyncio.Context()
-        self.engines = [EngineConnection(ep, self.ctx) for ep in endpoints]
+        self.ctx = zmq.Context()
+        self.engines = [EngineConnection(ep, self.ctx, self._on_message, self._on_connection_event) for ep in endpoints]
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
@@ -144,8 +152,9 @@ class EngineClient:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._recv_loop(e)) for e in self.engines]
-        self._tasks += [asyncio.create_task(self._monitor_loop(e)) for e in self.engines]
+        for e in self.engines:
+            e.channel.start()
+            e.monitor.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 
     async def close(self) -> None:
@@ -154,9 +163,7 @@ class EngineClient:
         for e in self.engines:
             for s in list(e.streams.values()):
                 s.fail(RequestFailed("", 503, "the gateway is shutting down", "engine_unavailable"))
-            e.sock.disable_monitor()
-            e.monitor.close(0)
-            e.sock.close(0)
+            e.close()
         self.ctx.term()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
@@ -229,24 +236,22 @@ class EngineClient:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _recv_loop(self, engine: EngineConnection) -> None:
-        while True:
-            payload = await engine.sock.recv(copy=False)
-            try:
-                msg = decode_engine_message(payload.buffer)
-            except Exception as e:
-                log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
-                continue
-            if isinstance(msg, Outputs):
-                self._dispatch(engine, msg.deltas)
-            elif isinstance(msg, EngineStatus):
-                self._on_status(engine, msg)
-            elif isinstance(msg, EngineMetrics):
-                engine.metrics = msg
-            elif isinstance(msg, RequestFailed):
-                stream = engine.streams.pop(msg.request_id, None)
-                if stream is not None:
-                    stream.fail(msg)
+    def _on_message(self, engine: EngineConnection, payload: bytes) -> None:
+        try:
+            msg = decode_engine_message(payload)
+        except Exception as e:
+            log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
+            return
+        if isinstance(msg, Outputs):
+            self._dispatch(engine, msg.deltas)
+        elif isinstance(msg, EngineStatus):
+            self._on_status(engine, msg)
+        elif isinstance(msg, EngineMetrics):
+            engine.metrics = msg
+        elif isinstance(msg, RequestFailed):
+            stream = engine.streams.pop(msg.request_id, None)
+            if stream is not None:
+                stream.fail(msg)
 
     def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
         streams = engine.streams
@@ -273,14 +278,12 @@ class EngineClient:
         for rid, stream in streams.items():
             stream.fail(RequestFailed(rid, 503, why, "engine_unavailable"))
 
-    async def _monitor_loop(self, engine: EngineConnection) -> None:
-        while True:
-            event = parse_monitor_message(await engine.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
-                log.error("lost the connection to engine %s at %s; failing its %d request(s)",
-                          engine.status.engine_id, engine.endpoint, len(engine.streams))
-                engine.status = None  # out of routing until it answers again
-                self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
+    def _on_connection_event(self, engine: EngineConnection, event: dict) -> None:
+        if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
+            log.error("lost the connection to engine %s at %s; failing its %d request(s)",
+                      engine.status.engine_id, engine.endpoint, len(engine.streams))
+            engine.status = None  # out of routing until it answers again
+            self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
 
     async def _heartbeat_loop(self) -> None:
         hello = Hello(self.gateway_id)
