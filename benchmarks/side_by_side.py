@@ -1,13 +1,16 @@
 """vLLM's own OpenAI server and `vllm-gateway serve`, one after the other, on the same
 model, dtype, engine settings and load; prints the ratios (ours / vLLM).
 
-    .venv/bin/python benchmarks/side_by_side.py --concurrency 32 --num-requests 128
+    .venv/bin/python benchmarks/side_by_side.py --concurrency 32 --num-requests 128 --trials 3
 
 Both run the same vLLM engine build; what differs is everything in front of the
 engine core: vLLM's FastAPI server, or our gateway process plus our engine adapter
 (which holds AsyncLLM, the tokenizer and detokenizer). Reported per run: the load
 figures (benchmarks/load.py), and the CPU seconds of the front-end processes and
-of the engine core. Ends by printing one JSON line with the figures and ratios.
+of the engine core. With `--trials N` the pair runs N times, the order
+alternating (vLLM first, then ours first, ...) so that neither server always
+gets the warmer machine; the ratios are given per trial and as their median.
+Ends by printing one JSON line with the figures and ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -87,6 +91,18 @@ def measure(name: str, cmd: list[str], env: dict, base: str, classify, load_args
         time.sleep(3)  # let the engine core processes go
 
 
+def ratios(o: dict, v: dict) -> dict[str, float]:
+    def ratio(key: str) -> float:
+        return round(o[key] / v[key], 3) if v[key] else 0.0
+
+    return {
+        "output_tokens_per_s": ratio("output_tokens_per_s"),
+        "ttft_p50": ratio("ttft_median_s"), "ttft_p99": ratio("ttft_p99_s"),
+        "itl_p50": ratio("itl_median_s"), "itl_p99": ratio("itl_p99_s"),
+        "front_end_cpu": ratio("front_end_cpu_s"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.environ.get("MODEL_NAME"), help="default: the embedded SmolLM2-135M-Instruct")
@@ -98,6 +114,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--trials", type=int, default=1, help="runs of the pair, order alternating; ratios: the median")
     p.add_argument("--out", default="benchmarks/results/side_by_side.json")
     a = p.parse_args()
 
@@ -110,32 +127,39 @@ def main() -> None:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=a.kv_cache_gib, PYTHONPATH=str(ROOT))
     load_args = dict(model=served, endpoint=a.endpoint, concurrency=a.concurrency, num_requests=a.num_requests,
                      input_len=a.input_len, output_len=a.output_len)
-    results = {}
-
-    port = free_port()
-    results["vllm"] = measure("vllm", [
+    vllm_cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served,
         "--dtype", a.dtype, "--enforce-eager", "--max-model-len", str(a.max_model_len),
-        "--host", "127.0.0.1", "--port", str(port),  # stats and /metrics on, as vLLM runs by default
-    ], env, f"http://127.0.0.1:{port}", vllm_role, load_args, "benchmarks/results/side_by_side_vllm.png")
-
-    port = free_port()
+        "--host", "127.0.0.1",  # stats and /metrics on, as vLLM runs by default
+    ]
     ours_env = dict(env, MODEL_NAME=model, OPENAI_SERVED_MODEL_NAME_OVERRIDE=served, DTYPE=a.dtype,
                     ENFORCE_EAGER="1", MAX_MODEL_LEN=str(a.max_model_len), LOG_LEVEL="WARNING")
-    results["vllm_gateway"] = measure("vllm-gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-                                      ours_env, f"http://127.0.0.1:{port}", ours_role, load_args,
-                                      "benchmarks/results/side_by_side_vllm_gateway.png")
 
-    v, o = results["vllm"], results["vllm_gateway"]
+    def run_vllm() -> dict:
+        port = free_port()
+        return measure("vllm", vllm_cmd + ["--port", str(port)], env, f"http://127.0.0.1:{port}", vllm_role,
+                       load_args, "benchmarks/results/side_by_side_vllm.png")
 
-    def ratio(key: str) -> float:
-        return round(o[key] / v[key], 3) if v[key] else 0.0
+    def run_ours() -> dict:
+        port = free_port()
+        return measure("vllm-gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(port)], ours_env,
+                       f"http://127.0.0.1:{port}", ours_role, load_args,
+                       "benchmarks/results/side_by_side_vllm_gateway.png")
 
-    results["ratios_ours_over_vllm"] = {
-        "output_tokens_per_s": ratio("output_tokens_per_s"),
-        "ttft_p50": ratio("ttft_median_s"), "ttft_p99": ratio("ttft_p99_s"),
-        "itl_p50": ratio("itl_median_s"), "itl_p99": ratio("itl_p99_s"),
-        "front_end_cpu": ratio("front_end_cpu_s"),
+    trials = []
+    for i in range(a.trials):
+        if i % 2 == 0:
+            v, o = run_vllm(), run_ours()
+        else:
+            o, v = run_ours(), run_vllm()
+        trial = {"order": "vllm first" if i % 2 == 0 else "ours first", "vllm": v, "vllm_gateway": o,
+                 "ratios_ours_over_vllm": ratios(o, v)}
+        trials.append(trial)
+        print(f"== trial {i + 1}: {json.dumps(trial['ratios_ours_over_vllm'])}", file=sys.stderr)
+    keys = trials[0]["ratios_ours_over_vllm"].keys()
+    results: dict = {
+        "trials": trials,
+        "ratios_ours_over_vllm": {k: statistics.median(t["ratios_ours_over_vllm"][k] for t in trials) for k in keys},
     }
     results["settings"] = {"model": model, "dtype": a.dtype, "max_model_len": a.max_model_len, **load_args}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

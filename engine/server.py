@@ -50,10 +50,12 @@ log = logging.getLogger("engine.server")
 
 # A gateway that has not said Hello for this long is gone: its requests are aborted.
 GATEWAY_TIMEOUT_S = 10.0
-# How often load is pushed to every gateway (routing and liveness both use it).
+# How often load is pushed to every gateway while requests run (routing uses it).
+# An idle engine pushes nothing: its answers to the gateways' heartbeats (every
+# 0.5 s) carry its status, and an idle process is not woken ten times a second.
 STATUS_INTERVAL_S = 0.1
-# Metrics go out every 10th status: once a second.
-METRICS_EVERY_N_STATUS = 10
+IDLE_CHECK_INTERVAL_S = 0.5
+METRICS_INTERVAL_S = 1.0
 # Prompts longer than this (in characters) are tokenized off the event loop.
 TOKENIZE_INLINE_MAX_CHARS = 8192
 
@@ -222,20 +224,23 @@ class EngineServer:
             self._send(ident, m)
 
     async def _status_loop(self) -> None:
-        tick = 0
+        next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        busy = False
         while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            tick += 1
-            if tick % METRICS_EVERY_N_STATUS == 0:
-                self._send_metrics()
+            await asyncio.sleep(STATUS_INTERVAL_S if busy else IDLE_CHECK_INTERVAL_S)
             now = time.monotonic()
+            if now >= next_metrics:
+                next_metrics = now + METRICS_INTERVAL_S
+                self._send_metrics()
             for ident, seen in list(self.gateways.items()):
                 if now - seen > GATEWAY_TIMEOUT_S:
                     self._forget_gateway(ident)
             if self.llm is not None and self.llm.errored:
                 log.error("vLLM engine core died: %s", self.llm.dead_error)
                 self._stopping.set()
-            self._broadcast_status()
+            was_busy, busy = busy, bool(self.tasks)
+            if busy or was_busy:  # once more after the last request: its end shows at once
+                self._broadcast_status()
 
     def _forget_gateway(self, ident: bytes) -> None:
         del self.gateways[ident]

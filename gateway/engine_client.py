@@ -1,8 +1,8 @@
 """The gateway's side of the engine protocol: sockets, routing, request streams.
 
 One DEALER socket per engine. A heartbeat (`Hello`) goes to every engine every
-`HEARTBEAT_S`; engines push an `EngineStatus` every 100 ms, which says whether they
-are ready and how loaded they are. New requests go to the least-loaded ready
+`HEARTBEAT_S` and is answered with an `EngineStatus`, which says whether the engine
+is ready and how loaded it is; a busy engine also pushes one every 100 ms. New requests go to the least-loaded ready
 engine. An engine whose connection drops (its process died), that stops answering
 for `ENGINE_TIMEOUT_S`, or that answers as a new instance (it was restarted) fails
 all the requests it had in flight with a 503 and leaves routing until it is ready
@@ -60,15 +60,22 @@ class RequestStream:
         self.error: Exception | None = None
 
     def push(self, delta: Delta) -> None:
-        self._items.append(delta)
-        self._wake()
+        if self.error is None:
+            self._items.append(delta)
+            self._wake()
 
     def fail(self, failure: RequestFailed) -> None:
-        self.interrupt(StreamFailed(failure))
+        """The engine's failure: what it produced before still comes out first."""
+        self._end(StreamFailed(failure))
 
     def interrupt(self, error: Exception) -> None:
-        """End the stream with `error` (raised by `next()`); the first error wins."""
-        if self.error is None:
+        """End the stream with `error` now (a timeout, a client gone), dropping
+        output not yet taken."""
+        self._items = []
+        self._end(error)
+
+    def _end(self, error: Exception) -> None:
+        if self.error is None:  # the first error wins
             self.error = error
         self._wake()
 
