@@ -162,11 +162,9 @@ class Gateway:
         raise ClientGone()
 
 
-SSE_START = {
-    "type": "http.response.start", "status": 200,
-    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")],
-}
+SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+)
 
 
 class SSEResponse:
@@ -185,7 +183,7 @@ class SSEResponse:
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
         try:
-            await send(SSE_START)
+            await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
             try:
                 while (chunks := await run.next_batch()) is not None:
                     metrics.HTTP_BATCHES.inc()
