@@ -19,6 +19,7 @@ import uuid
 from typing import Any
 
 import zmq
+import zmq.asyncio
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.inputs import TokensPrompt as VllmTokensPrompt
@@ -28,7 +29,6 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from engine import convert
 from engine.stats import RequestStats
-from protocol.channel import Channel, unbounded
 from protocol.metrics import EngineMetrics
 from protocol.transport import ServerKeys, secure_server
 from protocol.messages import (
@@ -111,8 +111,8 @@ class EngineServer:
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
         self._stopping = asyncio.Event()
-        self.ctx = zmq.Context()
-        self.channel: Channel | None = None
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,20 +127,22 @@ class EngineServer:
             self.config.engine_id, time.monotonic() - started,
             self.config.served_model_name, self.max_model_len,
         )
-        sock = unbounded(self.ctx.socket(zmq.ROUTER))
-        auth = secure_server(sock, self.config.keys)
-        sock.bind(self.config.endpoint)
-        self.channel = Channel(sock, self._on_message)
-        self.channel.start()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        auth = secure_server(self.sock, self.config.keys)
+        self.sock.bind(self.config.endpoint)
         log.info("engine %s listening on %s", self.config.engine_id, self.config.endpoint)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        status_loop = asyncio.create_task(self._status_loop())
+        workers = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._status_loop())]
         await self._stopping.wait()
         log.info("engine %s stopping", self.config.engine_id)
-        status_loop.cancel()
+        for t in workers:
+            t.cancel()
         for t in list(self.tasks.values()):
             t.cancel()
         died = self.llm.errored  # read before shutdown, which marks the core dead
@@ -149,31 +151,33 @@ class EngineServer:
         self.llm.shutdown()
         if auth is not None:
             auth.stop()
-        self.channel.close()
+        self.sock.close(0)
         self.ctx.term()
         return 1 if died else 0
 
     # ------------------------------------------------------------------- messages
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        try:
-            ident, payload = frames
-            msg = decode_gateway_message(payload)
-        except Exception as e:  # a broken peer must not take the engine down
-            log.warning("undecodable message from gateway: %s", e)
-            return
-        if isinstance(msg, Generate):
-            self._start(ident, msg)
-        elif isinstance(msg, Abort):
-            for rid in msg.request_ids:
-                task = self.tasks.get(rid)
-                if task is not None:
-                    task.cancel()
-        elif isinstance(msg, Hello):
-            if ident not in self.gateways:
-                log.info("gateway %s connected", msg.gateway_id)
-            self.gateways[ident] = time.monotonic()
-            self._send(ident, self._status())
+    async def _recv_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            ident, payload = await self.sock.recv_multipart(copy=True)
+            try:
+                msg = decode_gateway_message(payload)
+            except Exception as e:  # a broken peer must not take the engine down
+                log.warning("undecodable message from gateway: %s", e)
+                continue
+            if isinstance(msg, Generate):
+                self._start(ident, msg)
+            elif isinstance(msg, Abort):
+                for rid in msg.request_ids:
+                    task = self.tasks.get(rid)
+                    if task is not None:
+                        task.cancel()
+            elif isinstance(msg, Hello):
+                if ident not in self.gateways:
+                    log.info("gateway %s connected", msg.gateway_id)
+                self.gateways[ident] = time.monotonic()
+                self._send(ident, self._status())
 
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
@@ -252,8 +256,8 @@ class EngineServer:
             self.tasks[rid].cancel()
 
     def _send(self, ident: bytes, msg: Any) -> None:
-        assert self.channel is not None
-        self.channel.send((ident, encode(msg)))
+        assert self.sock is not None
+        self.sock.send_multipart([ident, encode(msg)], copy=False)
 
     def _queue(self, ident: bytes, delta: Delta) -> None:
         """Hold a delta until every request woken by the same engine step has had

@@ -16,9 +16,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol.messages import (
@@ -33,7 +34,6 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
-from protocol.channel import Channel, unbounded
 from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
@@ -102,19 +102,16 @@ class StreamFailed(Exception):
 
 
 class EngineConnection:
-    def __init__(
-        self, endpoint: str, ctx: zmq.Context,
-        on_message: Callable[[EngineConnection, bytes], None],
-        on_connection_event: Callable[[EngineConnection, dict], None],
-    ) -> None:
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context) -> None:
         self.endpoint = endpoint
-        sock = unbounded(ctx.socket(zmq.DEALER))
-        secure_client(sock)
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock)
         # Connection events: a dropped connection is how a dead engine shows first.
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(endpoint)
-        self.channel = Channel(sock, lambda frames: on_message(self, frames[0]))
-        self.monitor = Channel(monitor, lambda frames: on_connection_event(self, parse_monitor_message(frames)))
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
         self.status: EngineStatus | None = None
         self.last_seen = 0.0
         self.streams: dict[str, RequestStream] = {}
@@ -139,19 +136,14 @@ class EngineConnection:
         return s.running + s.waiting + self.unreported + s.kv_cache_usage
 
     def send(self, msg: object) -> None:
-        self.channel.send((encode(msg),))
-
-    def close(self) -> None:
-        self.channel.sock.disable_monitor()
-        self.monitor.close()
-        self.channel.close()
+        self.sock.send(encode(msg), copy=False)
 
 
 class EngineClient:
     def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None) -> None:
         self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ctx = zmq.Context()
-        self.engines = [EngineConnection(ep, self.ctx, self._on_message, self._on_connection_event) for ep in endpoints]
+        self.ctx = zmq.asyncio.Context()
+        self.engines = [EngineConnection(ep, self.ctx) for ep in endpoints]
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
@@ -159,9 +151,8 @@ class EngineClient:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        for e in self.engines:
-            e.channel.start()
-            e.monitor.start()
+        self._tasks = [asyncio.create_task(self._recv_loop(e)) for e in self.engines]
+        self._tasks += [asyncio.create_task(self._monitor_loop(e)) for e in self.engines]
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 
     async def close(self) -> None:
@@ -170,7 +161,9 @@ class EngineClient:
         for e in self.engines:
             for s in list(e.streams.values()):
                 s.fail(RequestFailed("", 503, "the gateway is shutting down", "engine_unavailable"))
-            e.close()
+            e.sock.disable_monitor()
+            e.monitor.close(0)
+            e.sock.close(0)
         self.ctx.term()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
@@ -243,22 +236,24 @@ class EngineClient:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_message(self, engine: EngineConnection, payload: bytes) -> None:
-        try:
-            msg = decode_engine_message(payload)
-        except Exception as e:
-            log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
-            return
-        if isinstance(msg, Outputs):
-            self._dispatch(engine, msg.deltas)
-        elif isinstance(msg, EngineStatus):
-            self._on_status(engine, msg)
-        elif isinstance(msg, EngineMetrics):
-            engine.metrics = msg
-        elif isinstance(msg, RequestFailed):
-            stream = engine.streams.pop(msg.request_id, None)
-            if stream is not None:
-                stream.fail(msg)
+    async def _recv_loop(self, engine: EngineConnection) -> None:
+        while True:
+            payload = await engine.sock.recv(copy=False)
+            try:
+                msg = decode_engine_message(payload.buffer)
+            except Exception as e:
+                log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
+                continue
+            if isinstance(msg, Outputs):
+                self._dispatch(engine, msg.deltas)
+            elif isinstance(msg, EngineStatus):
+                self._on_status(engine, msg)
+            elif isinstance(msg, EngineMetrics):
+                engine.metrics = msg
+            elif isinstance(msg, RequestFailed):
+                stream = engine.streams.pop(msg.request_id, None)
+                if stream is not None:
+                    stream.fail(msg)
 
     def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
         streams = engine.streams
@@ -285,12 +280,14 @@ class EngineClient:
         for rid, stream in streams.items():
             stream.fail(RequestFailed(rid, 503, why, "engine_unavailable"))
 
-    def _on_connection_event(self, engine: EngineConnection, event: dict) -> None:
-        if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
-            log.error("lost the connection to engine %s at %s; failing its %d request(s)",
-                      engine.status.engine_id, engine.endpoint, len(engine.streams))
-            engine.status = None  # out of routing until it answers again
-            self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
+    async def _monitor_loop(self, engine: EngineConnection) -> None:
+        while True:
+            event = parse_monitor_message(await engine.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
+                log.error("lost the connection to engine %s at %s; failing its %d request(s)",
+                          engine.status.engine_id, engine.endpoint, len(engine.streams))
+                engine.status = None  # out of routing until it answers again
+                self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
 
     async def _heartbeat_loop(self) -> None:
         hello = Hello(self.gateway_id)
