@@ -2,11 +2,11 @@
 
 One DEALER socket per engine. A heartbeat (`Hello`) goes to every engine every
 `HEARTBEAT_S` and is answered with an `EngineStatus`, which says whether the engine
-is ready and how loaded it is; a busy engine also pushes one every 100 ms. New requests go to the least-loaded ready
-engine. An engine whose connection drops (its process died), that stops answering
-for `ENGINE_TIMEOUT_S`, or that answers as a new instance (it was restarted) fails
-all the requests it had in flight with a 503 and leaves routing until it is ready
-again.
+is ready and how loaded it is; a busy engine also pushes one every 100 ms. New
+requests go to the least-loaded ready engine. An engine whose connection drops (its
+process died), that stops answering for `ENGINE_TIMEOUT_S`, or that answers as a
+new instance (it was restarted) fails all the requests it had in flight with a 503
+and leaves routing until it is ready again.
 """
 
 from __future__ import annotations
