@@ -79,3 +79,25 @@ def test_request_timeout_aborts_the_engine_request(engine_endpoint, run_dir):
         assert wait_idle(endpoint)
     finally:
         proc.stop()
+
+
+def test_stream_interval_batches_tokens_into_fewer_events(engine_endpoint, run_dir):
+    """STREAM_INTERVAL_MS: at most one write per interval, what the engine produced
+    meanwhile merged into one chunk; every token still arrives, usage exact."""
+    endpoint, engine = engine_endpoint
+    port = free_port()
+    proc = Proc("gateway-interval", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+                child_env(STREAM_INTERVAL_MS="400"), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc, engine], 600)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        chunks = list(c.completions.create(model=MODEL, prompt="Count:", max_tokens=60, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        texts = [ch.choices[0].text for ch in chunks if ch.choices]
+        assert chunks[-1].usage.completion_tokens == 60
+        assert len(texts) < 60, len(texts)  # several tokens per event
+        assert "".join(texts).strip()
+        assert chunks[-2].choices[0].finish_reason == "length"
+    finally:
+        proc.stop()
