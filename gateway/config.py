@@ -64,6 +64,8 @@ class RunPodSettings:
     # How long a job waits for an engine to be ready before failing with a 503.
     engine_wait_s: float = 300.0
     request_timeout_s: float = 0  # 0: no limit
+    metrics_port: int = 0  # 0: no /metrics listener
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
@@ -80,6 +82,8 @@ class RunPodSettings:
             response_role=get("OPENAI_RESPONSE_ROLE", cls.response_role),
             engine_wait_s=get("ENGINE_WAIT_S", cls.engine_wait_s, float),
             request_timeout_s=get("REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
+            metrics_port=get("METRICS_PORT", cls.metrics_port, int),
+            metrics_host=get("METRICS_HOST", cls.metrics_host),
         )
         if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
             raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "

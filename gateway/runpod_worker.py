@@ -245,10 +245,9 @@ def main(argv: list[str]) -> int:
             engines.supervise_in_thread()  # a dead engine is restarted; its jobs fail meanwhile
         handler = JobHandler(settings)
         metrics.watch_engines(lambda: handler._client)
-        if os.environ.get("METRICS_PORT"):
-            host = os.environ.get("METRICS_HOST", "127.0.0.1")
-            metrics.serve_metrics(int(os.environ["METRICS_PORT"]), host)
-            log.info("Prometheus metrics on http://%s:%s/metrics", host, os.environ["METRICS_PORT"])
+        if settings.metrics_port:
+            metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+            log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         sys.argv = [sys.argv[0], *argv]
         runpod.serverless.start({
             "handler": handler.handle,
