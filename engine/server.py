@@ -10,6 +10,7 @@ slot and KV cache as the cancellation passes through `generate`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import os
@@ -399,8 +400,34 @@ def supported_engine_args() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _forked_children_die_with_us() -> None:
+    """vLLM forks its engine-core process from this one (and that one its
+    workers). Were this process killed outright, the engine core would run on,
+    holding the model's memory, wherever nothing reaps the process group (a
+    shell, supervisord): every child forked from here asks the kernel for a
+    SIGTERM when its parent dies, which vLLM's engine core handles by shutting
+    down with its workers."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return  # not Linux
+
+    forking = [0]  # the pid of the process that forks, read in the child
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != forking[0]:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()), after_in_child=in_child)
+
+
 def serve(config: EngineConfig) -> int:
     """Run the engine until SIGTERM/SIGINT; returns the process exit code."""
+    _forked_children_die_with_us()
     try:
         import uvloop
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from gateway import requests as oai_requests
-from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed
+from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
 from gateway.errors import APIError
 from gateway.metrics import TTFT
 from gateway.responses import ChatFormatter, CompletionFormatter
@@ -41,9 +41,9 @@ def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
     return Call([gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
 
 
-def prepare_completion(req: CompletionRequest, model: str) -> Call:
+def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | None = None) -> Call:
     oai_requests.check_model(req.model, model)
-    gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}")
+    gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}", max_model_len)
     opts = req.stream_options
     fmt = CompletionFormatter(
         [g.request_id for g in gens], req.n, model, echo=req.echo,
@@ -76,11 +76,13 @@ def model_list(client: EngineClient) -> ModelList:
     return ModelList([ModelCard(status.model, int(time.time()), max_model_len=status.max_model_len)])
 
 
-def submit(client: EngineClient, gens: list[Generate]) -> RequestStream:
+def submit(client: EngineClient, call: Call) -> RequestStream:
     try:
-        return client.submit(gens)
+        return client.submit(call.gens)
     except NoEngine:
         raise no_engine() from None
+    except Unencodable as e:
+        raise APIError(400, f"the request holds a value out of range ({e})", param=call.prompt_param) from None
 
 
 class ClientGone(Exception):
@@ -102,7 +104,7 @@ class CallRun:
         self.stream_interval_s = stream_interval_s
         self.timeout_s = timeout_s
         self.submitted = time.monotonic()
-        self.rs = submit(client, call.gens)
+        self.rs = submit(client, call)
         # One timer for the whole request, not a timeout around every engine step.
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire) if timeout_s > 0 else None
         self._first: list[Delta] | None = None  # the engine's first output, until streamed

@@ -29,6 +29,7 @@ class GatewaySettings:
     engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
     response_role: str = "assistant"
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 30  # a request body must arrive within this
     drain_timeout_s: float = 30
     request_timeout_s: float = 0  # 0: no limit
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
@@ -43,6 +44,7 @@ class GatewaySettings:
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
             response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
             max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
+            body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
             drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),

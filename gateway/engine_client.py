@@ -34,6 +34,7 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
+from protocol.openai import EngineHealth
 from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
@@ -186,18 +187,17 @@ class EngineClient:
         """Engine requests sent and not yet finished, over all engines."""
         return sum(len(e.streams) for e in self.engines)
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[EngineHealth]:
         """Each engine's state, for /health."""
         out = []
         for e in self.engines:
             s = e.status
-            out.append({
-                "endpoint": e.endpoint, "ready": e.ready, "state": s.state if s else "unreachable",
-                "engine_id": s.engine_id if s else None, "pid": s.pid if s else None,
-                "running": s.running if s else 0, "waiting": s.waiting if s else 0,
-                "kv_cache_usage": s.kv_cache_usage if s else 0.0, "in_flight": len(e.streams),
-                "routed": e.routed,
-            })
+            out.append(EngineHealth(
+                endpoint=e.endpoint, ready=e.ready, state=s.state if s else "unreachable",
+                engine_id=s.engine_id if s else None, pid=s.pid if s else None,
+                running=s.running if s else 0, waiting=s.waiting if s else 0,
+                kv_cache_usage=s.kv_cache_usage if s else 0.0, in_flight=len(e.streams), routed=e.routed,
+            ))
         return out
 
     def ready_status(self) -> EngineStatus | None:
@@ -213,10 +213,14 @@ class EngineClient:
         engine = self._pick()
         if engine is None:
             raise NoEngine()
+        try:  # before anything is sent: a value msgpack cannot carry fails the whole request
+            frames = [encode(r) for r in requests]
+        except (OverflowError, TypeError, ValueError) as e:
+            raise Unencodable(str(e)) from None
         stream = RequestStream([r.request_id for r in requests], engine)
-        for r in requests:
+        for r, frame in zip(requests, frames):
             engine.streams[r.request_id] = stream
-            engine.send(r)
+            engine.sock.send(frame, copy=False)
         engine.unreported += len(requests)
         engine.routed += len(requests)
         return stream
@@ -303,3 +307,8 @@ class EngineClient:
 
 class NoEngine(Exception):
     """No engine is ready to take a request."""
+
+
+class Unencodable(Exception):
+    """A request holds a value the wire cannot carry (an integer beyond 64 bits
+    in a free-form field)."""

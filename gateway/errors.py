@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
 from protocol.openai import ErrorInfo, ErrorResponse, json_encode
+
+T = TypeVar("T")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -15,6 +19,7 @@ _TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -67,3 +72,17 @@ def from_validation(err: msgspec.ValidationError | msgspec.DecodeError, what: st
             param = f"{param}.{field.group(1)}" if param else field.group(1)
         return APIError(400, f"invalid {what}: {text}", param=param or None)
     return APIError(400, f"malformed JSON body: {text}")
+
+
+def decode_or_400(decode: Callable[[Any], T], data: Any, what: str = "request") -> T:
+    """`decode(data)`, with every way a body can be wrong as a 400: a wrong type or
+    value (naming the field), malformed JSON, invalid UTF-8, nesting deeper than
+    the decoder's recursion limit."""
+    try:
+        return decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise from_validation(e, what) from None
+    except UnicodeDecodeError:
+        raise APIError(400, "malformed JSON body: invalid UTF-8") from None
+    except RecursionError:
+        raise APIError(400, f"invalid {what}: nested too deeply") from None

@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,13 +22,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import metrics
+from gateway import metrics, openapi
 from gateway.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import GatewaySettings
 from gateway.engine_client import EngineClient
-from gateway.errors import APIError, from_validation
+from gateway.errors import APIError, decode_or_400
 from gateway.responses import SSE_DONE, sse
-from protocol.openai import decode_chat_request, decode_completion_request, json_encode
+from protocol.messages import EngineStatus
+from protocol.openai import Health, decode_chat_request, decode_completion_request, json_encode
 
 log = logging.getLogger("gateway.http")
 
@@ -46,7 +46,7 @@ def error_response(err: APIError) -> Response:
     return Response(err.body(), status_code=err.status, media_type=JSON)
 
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = tuple(op.path for op in openapi.OPERATIONS)
 
 
 class RequestMetrics:
@@ -86,16 +86,32 @@ class Gateway:
     # ------------------------------------------------------------------ helpers
 
     async def _body(self, request: Request) -> bytes:
+        """The whole JSON body: at most `max_body_bytes`, arriving within
+        `body_timeout_s` (a client that stops sending mid-body gets a 408 instead
+        of holding a connection and its buffer for ever)."""
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != JSON:
+            raise APIError(415, f"Content-Type must be {JSON}, not {media_type or 'missing'}",
+                           param="Content-Type")
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body too large ({declared} bytes; the limit is {limit})")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body too large (over {limit} bytes)")
-            chunks.append(chunk)
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body too large (over {limit} bytes)")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s "
+                                f"({size} bytes received)", code="request_timeout") from None
         return b"".join(chunks)
 
     # ------------------------------------------------------------------- routes
@@ -105,23 +121,20 @@ class Gateway:
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="service_unavailable_error", code="shutting_down")
 
-    async def _decode(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, str]:
-        """The validated request body, and the model name being served."""
+    async def _decode(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, EngineStatus]:
+        """The validated request body, and the status of a ready engine (the
+        model it serves and its context length)."""
         self._check_open()
-        body = await self._body(request)
-        try:
-            req = decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise from_validation(e) from None
-        return req, ready_engine(self.client).model
+        req = decode_or_400(decode, await self._body(request))
+        return req, ready_engine(self.client)
 
     async def chat_completions(self, request: Request) -> Response:
-        req, model = await self._decode(request, decode_chat_request)
-        return await self._run(request, prepare_chat(req, model, self.settings.response_role))
+        req, engine = await self._decode(request, decode_chat_request)
+        return await self._run(request, prepare_chat(req, engine.model, self.settings.response_role))
 
     async def completions(self, request: Request) -> Response:
-        req, model = await self._decode(request, decode_completion_request)
-        return await self._run(request, prepare_completion(req, model))
+        req, engine = await self._decode(request, decode_completion_request)
+        return await self._run(request, prepare_completion(req, engine.model, engine.max_model_len))
 
     async def models(self, request: Request) -> Response:
         self._check_open()
@@ -132,10 +145,10 @@ class Gateway:
         the body lists every engine's state and load."""
         engines = self.client.describe()
         if self.draining:
-            return json_response({"status": "draining", "engines": engines}, 503)
+            return json_response(Health("draining", engines), 503)
         if self.client.ready:
-            return json_response({"status": "ok", "engines": engines})
-        return json_response({"status": "unavailable", "engines": engines}, 503)
+            return json_response(Health("ok", engines))
+        return json_response(Health("unavailable", engines), 503)
 
     # ------------------------------------------------------------------ running
 
@@ -237,6 +250,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> Starlette:
     gw = Gateway(settings, client)
+    spec = json_encode(openapi.document())
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(spec, media_type=JSON)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -251,6 +268,7 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/health", gw.health, methods=["GET"]),
             Route("/metrics", _metrics, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         exception_handlers={
             APIError: _api_error,

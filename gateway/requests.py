@@ -7,11 +7,17 @@ from typing import Any
 
 from gateway.errors import APIError
 from protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
-from protocol.openai import ChatCompletionRequest, CompletionRequest, Sampling, SamplingFields
+from protocol.openai import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
 from protocol.runpod import JobInput, JobSamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _token_ids(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in p)
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -42,7 +48,9 @@ def _sampling(req: Sampling, max_tokens: int | None, logprobs: int | None, promp
         try:
             logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
         except ValueError:
-            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+            logit_bias = {-1: 0.0}
+        if not all(0 <= t <= MAX_TOKEN_ID for t in logit_bias):
+            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias")
     top_k = req.top_k if req.top_k is not None else 0
     return SamplingParams(
         n=req.n,
@@ -68,31 +76,34 @@ def _sampling(req: Sampling, max_tokens: int | None, logprobs: int | None, promp
     )
 
 
-def _message_text(content: Any, i: int) -> str | None:
+def _message_text(content: str | list[ContentPart] | None, i: int) -> str | None:
     """Flatten OpenAI content parts to the text the chat template expects."""
     if content is None or isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {kind!r}", param=f"messages[{i}].content")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of content parts", param=f"messages[{i}].content")
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, got {part.type!r}",
+                           param=f"messages[{i}].content")
+        texts.append(part.text)
+    return "\n".join(texts)
 
 
-def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chat_messages(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: dicts with the fields set."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out = []
     for i, m in enumerate(messages):
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
+        if not m.role:
             raise APIError(400, f"messages[{i}].role must be a non-empty string", param=f"messages[{i}].role")
-        msg = dict(m)
-        msg["content"] = _message_text(m.get("content"), i)
+        msg: dict[str, Any] = {"role": m.role, "content": _message_text(m.content, i)}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_calls is not None:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
@@ -119,16 +130,19 @@ def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
 def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
     """`prompt` may be a string, a list of strings, a list of token ids or a list
     of lists of token ids."""
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS_PER_REQUEST and not _token_ids(prompt):
+        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
     if isinstance(prompt, str):
         prompts: list[Prompt] = [TextPrompt(prompt, add_special_tokens)]
     elif prompt and all(isinstance(p, str) for p in prompt):
         prompts = [TextPrompt(p, add_special_tokens) for p in prompt]
-    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif _token_ids(prompt):
         prompts = [TokensPrompt(list(prompt))]
-    elif prompt and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+    elif prompt and all(_token_ids(p) for p in prompt):
         prompts = [TokensPrompt(list(p)) for p in prompt]
     else:
-        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids", param="prompt")
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids "
+                            f"(0..{MAX_TOKEN_ID}) or a list of lists of token ids", param="prompt")
     if any(isinstance(p, TextPrompt) and p.text == "" for p in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
     if len(prompts) > MAX_PROMPTS_PER_REQUEST:
@@ -136,7 +150,7 @@ def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
     return prompts
 
 
-def completion_generates(req: CompletionRequest, request_id: str) -> list[Generate]:
+def completion_generates(req: CompletionRequest, request_id: str, max_model_len: int | None = None) -> list[Generate]:
     _stream_options(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -144,6 +158,13 @@ def completion_generates(req: CompletionRequest, request_id: str) -> list[Genera
     prompt_logprobs = req.logprobs if (req.echo and req.logprobs is not None) else None
     params = _sampling(req, max_tokens, req.logprobs, prompt_logprobs)
     prompts = completion_prompts(req.prompt, req.add_special_tokens)
+    if max_model_len is not None:
+        # Token prompts longer than the context are refused here, before they cross the wire.
+        longest = max((len(p.token_ids) for p in prompts if isinstance(p, TokensPrompt)), default=0)
+        if longest >= max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                                f"your prompt has {longest} tokens, which leaves no room for a completion.",
+                           param="prompt", code="context_length_exceeded")
     if len(prompts) == 1:
         return [Generate(request_id, prompts[0], params, return_prompt=req.echo)]
     return [Generate(f"{request_id}-{i}", p, params, return_prompt=req.echo) for i, p in enumerate(prompts)]

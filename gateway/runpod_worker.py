@@ -20,18 +20,18 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-
-import msgspec
 
 from gateway import metrics
 from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import RunPodSettings
 from gateway.engine_client import EngineClient
-from gateway.errors import APIError, from_validation
+from gateway.errors import APIError, decode_or_400
 from gateway.requests import job_generate
 from gateway.responses import SSE_DONE, JobFormatter, sse
 from protocol.openai import chat_request_from_dict, completion_request_from_dict
@@ -135,14 +135,14 @@ class JobHandler:
         if job.openai_route == "/v1/models":
             yield to_builtins(model_list(client))
             return
-        model = ready_engine(client).model
-        try:
-            if job.openai_route == "/v1/chat/completions":
-                call = prepare_chat(chat_request_from_dict(body), model, self.settings.response_role)
-            else:
-                call = prepare_completion(completion_request_from_dict(body), model)
-        except msgspec.ValidationError as e:
-            raise from_validation(e, "openai_input") from None
+        engine = ready_engine(client)
+        model = engine.model
+        if job.openai_route == "/v1/chat/completions":
+            call = prepare_chat(decode_or_400(chat_request_from_dict, body, "openai_input"),
+                                model, self.settings.response_role)
+        else:
+            call = prepare_completion(decode_or_400(completion_request_from_dict, body, "openai_input"),
+                                      model, engine.max_model_len)
         run = await self._run(client, call)
         if not call.stream:
             yield to_builtins(await run.collect())
@@ -201,10 +201,7 @@ class JobHandler:
 def _parse(raw: Any) -> JobInput:
     if not isinstance(raw, dict):
         raise APIError(400, "the job input must be a JSON object", param="input")
-    try:
-        return job_input_from_dict(raw)
-    except msgspec.ValidationError as e:
-        raise from_validation(e, "job input") from None
+    return decode_or_400(job_input_from_dict, raw, "job input")
 
 
 # ------------------------------------------------------------------- the process
@@ -232,13 +229,23 @@ def main(argv: list[str]) -> int:
             log.error("bad setting: %s", e)
             return 2
         settings.engine_endpoints = engines.endpoints
+    # Until the SDK takes over (it handles SIGTERM itself), a stop while the
+    # engines load is a normal stop: exit 0, engines stopped on the way out.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         try:
             statuses = wait_engines_ready(settings.engine_endpoints, engines,
-                                          float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600")))
+                                          float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600")), stop.is_set)
         except EngineStartFailed as e:
+            if stop.is_set():
+                log.info("stopped before the engines were ready")
+                return 0
             log.error("the worker cannot start: %s", e)
             return 1
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         log.info("engines ready (model %s); starting the RunPod worker, concurrency %d",
                  statuses[0].model, settings.max_concurrency)
         if engines is not None:

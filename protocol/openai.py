@@ -3,7 +3,10 @@
 Requests are decoded and type-checked by msgspec straight from the HTTP body, so a
 wrong type or an out-of-range value comes back as an error naming the field
 (`Expected int >= 1 - at $.n`). Cross-field rules live in `gateway/requests.py`.
-Unknown fields are ignored, as OpenAI and vLLM do.
+Unknown fields are ignored, as OpenAI and vLLM do (also inside chat messages,
+whose known fields are typed). Integers are bounded to what the wire (msgpack,
+64 bits) can carry, and lists to sizes an engine can serve without stalling: a
+value beyond either is a 400 naming the field, never a server error.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ from msgspec import Meta, Struct
 
 NonNegFloat = Annotated[float, Meta(ge=0.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 ChoiceCount = Annotated[int, Meta(ge=1, le=128)]
+# Token ids and token counts: what the wire carries (int64), and no model has more.
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+TokenCount = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+# Limits on list sizes (OpenAI allows 4 stop strings; vLLM sets none).
+MAX_STOP = 256
+MAX_STOP_TOKEN_IDS = 4096
+MAX_LOGIT_BIAS = 2048
+MAX_MESSAGES = 4096
 
 
 class StreamOptions(Struct):
@@ -34,7 +46,7 @@ class Sampling(Struct, kw_only=True):
     and RunPod's standard `sampling_params`."""
 
     n: ChoiceCount = 1
-    best_of: PositiveInt | None = None
+    best_of: ChoiceCount | None = None
     temperature: NonNegFloat | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None
@@ -45,16 +57,18 @@ class Sampling(Struct, kw_only=True):
     length_penalty: float = 1.0
     use_beam_search: bool = False
     early_stopping: bool | str = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
-    min_tokens: NonNegInt = 0
-    max_tokens: PositiveInt | None = None
+    min_tokens: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    max_tokens: TokenCount | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[
+        dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)
+    ] | None = None
 
 
 class SamplingFields(Sampling, kw_only=True):
@@ -69,9 +83,30 @@ class SamplingFields(Sampling, kw_only=True):
 # ----------------------------------------------------------------------- requests
 
 
+class ContentPart(Struct, kw_only=True):
+    """A part of a message's content; only text parts are served."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessageParam(Struct, kw_only=True, omit_defaults=True):
+    """One chat message, as the chat template receives it. Fields beyond these
+    are dropped (as vLLM does), so nothing unchecked reaches the engine."""
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+ChatMessages = Annotated[list[ChatMessageParam], Meta(max_length=MAX_MESSAGES)]
+
+
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: PositiveInt | None = None
+    messages: ChatMessages
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
     add_generation_prompt: bool = True
@@ -200,6 +235,26 @@ class ModelCard(Struct):
 class ModelList(Struct):
     data: list[ModelCard]
     object: str = "list"
+
+
+class EngineHealth(Struct):
+    """One engine as a gateway sees it."""
+
+    endpoint: str
+    ready: bool
+    state: str  # loading, ready, failed, stopping, or unreachable
+    engine_id: str | None
+    pid: int | None
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    in_flight: int  # this gateway's requests on the engine now
+    routed: int  # this gateway's requests sent to the engine, ever
+
+
+class Health(Struct):
+    status: str  # ok, unavailable, or draining
+    engines: list[EngineHealth]
 
 
 class ErrorInfo(Struct):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from protocol.openai import PositiveInt, Sampling
+from protocol.openai import ChatMessages, PositiveInt, Sampling
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
@@ -30,7 +30,7 @@ class JobInput(Struct, kw_only=True):
     openai_input: dict[str, Any] | None = None
     # Standard mode
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: ChatMessages | None = None
     apply_chat_template: bool = False
     sampling_params: JobSamplingParams | None = None
     stream: bool = False

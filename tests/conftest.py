@@ -20,6 +20,7 @@ from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE_START_TIMEOUT_S = 600
+BODY_TIMEOUT_S = 2  # the shared gateway's REQUEST_BODY_TIMEOUT_S
 
 
 def free_port() -> int:
@@ -93,14 +94,21 @@ def engine_endpoint(run_dir):
 
 
 @pytest.fixture(scope="session")
-def gateway_url(engine_endpoint, run_dir):
+def gateway(engine_endpoint, run_dir):
+    """The shared HTTP gateway: (its URL, its process)."""
     endpoint, engine = engine_endpoint
     port = free_port()
-    proc = Proc("gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint], child_env(), run_dir)
+    proc = Proc("gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+                child_env(REQUEST_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S)), run_dir)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, [engine, proc], ENGINE_START_TIMEOUT_S)
-    yield url
+    yield url, proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(gateway):
+    return gateway[0]
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from conftest import MODEL, Proc, child_env, engine_running, free_port, wait_healthy, wait_idle
@@ -41,10 +42,6 @@ def test_serve_command_end_to_end(run_dir):
         assert r.usage.prompt_tokens <= 4  # "Hi there\n" alone, no system prompt
         with pytest.raises(openai.NotFoundError):
             c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
-        deadline = time.monotonic() + 10  # the launcher logs it once it has seen /health too
-        while f"OpenAI API at {url}/v1" not in proc.log_path.read_text():
-            assert time.monotonic() < deadline, proc.tail()
-            time.sleep(0.2)
     finally:
         code = proc.stop(signal.SIGTERM, timeout=60)
     assert code == 0, proc.tail()
@@ -101,3 +98,29 @@ def test_stream_interval_batches_tokens_into_fewer_events(engine_endpoint, run_d
         assert chunks[-2].choices[0].finish_reason == "length"
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("command", ["serve", "runpod"])
+def test_sigterm_while_engines_load_is_a_normal_stop(run_dir, command):
+    """A stop that comes while the engines are still loading exits 0 at once and
+    leaves no engine (nor vLLM process) behind."""
+    args = ["gateway", command] + (["--port", str(free_port())] if command == "serve" else [])
+    proc = Proc(f"{command}-stopped-loading", args, child_env(), run_dir)
+    deadline = time.monotonic() + 60
+    engines: list[psutil.Process] = []
+    while not any(_named(p, "VLLM::EngineCor") for p in engines):  # vLLM is loading the model
+        assert proc.alive() and time.monotonic() < deadline, proc.tail()
+        time.sleep(0.2)
+        engines = psutil.Process(proc.popen.pid).children(recursive=True)
+    started = time.monotonic()
+    assert proc.stop(signal.SIGTERM, timeout=60) == 0, proc.tail()
+    assert time.monotonic() - started < 30
+    _, alive = psutil.wait_procs(engines, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+def _named(p: psutil.Process, prefix: str) -> bool:
+    try:
+        return p.name().startswith(prefix)
+    except psutil.Error:
+        return False

@@ -1,0 +1,90 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 document of every route the HTTP gateway
+serves, generated from the same msgspec types that decode the requests and
+encode the answers, so it cannot drift from what the server does."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgspec
+
+from protocol.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+)
+
+JSON = "application/json"
+SSE = "text/event-stream"
+REF = "#/components/schemas/{name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    body: type | None = None
+    answer: type | None = None  # the 200 answer (JSON)
+    chunk: type | None = None  # the streamed event's type, when `stream: true` is possible
+    errors: tuple[int, ...] = ()
+    other: str | None = None  # a 200 answer that is not JSON: its media type
+
+
+# Every route of the HTTP gateway (gateway/http_server.py builds its routes from these paths).
+OPERATIONS = (
+    Operation("post", "/v1/chat/completions", "Create a chat completion (streamed as server-sent events with `stream: true`)",
+              ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, (400, 404, 408, 413, 415, 503, 504)),
+    Operation("post", "/v1/completions", "Create a text completion (streamed as server-sent events with `stream: true`)",
+              CompletionRequest, Completion, Completion, (400, 404, 408, 413, 415, 503, 504)),
+    Operation("get", "/v1/models", "The models served", answer=ModelList, errors=(503,)),
+    Operation("get", "/health", "200 while an engine is ready; 503 (same body) otherwise or while draining",
+              answer=Health, errors=(503,)),
+    Operation("get", "/metrics", "Prometheus metrics", other="text/plain"),
+    Operation("get", "/openapi.json", "This document", other=JSON),
+)
+
+_REASONS = {400: "Bad request", 404: "Unknown model", 408: "The request body did not arrive in time",
+            413: "Request body too large", 415: "Content-Type is not application/json",
+            503: "No engine ready, or shutting down", 504: "REQUEST_TIMEOUT_S passed"}
+
+
+def _content(schema: dict[str, Any], media_type: str = JSON) -> dict[str, Any]:
+    return {media_type: {"schema": schema}}
+
+
+def document(version: str = "0.1.0") -> dict[str, Any]:
+    types = sorted({t for op in OPERATIONS for t in (op.body, op.answer, op.chunk) if t} | {ErrorResponse},
+                   key=lambda t: t.__name__)
+    refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    ref = dict(zip(types, refs))
+    paths: dict[str, Any] = {}
+    for op in OPERATIONS:
+        if op.answer is not None:
+            ok = _content(ref[op.answer])
+            if op.chunk is not None:
+                ok.update(_content({"type": "string", "description": (
+                    f"`data: <{op.chunk.__name__} as JSON>` events, an error event on failure, then `data: [DONE]`")}, SSE))
+        else:
+            ok = _content({"type": "object"} if op.other == JSON else {"type": "string"}, op.other or JSON)
+        responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+        for status in op.errors:
+            schema = ref[op.answer] if (op.answer is Health and status == 503) else ref[ErrorResponse]
+            responses[str(status)] = {"description": _REASONS[status], "content": _content(schema)}
+        item: dict[str, Any] = {"summary": op.summary, "operationId": f"{op.method}{op.path}", "responses": responses}
+        if op.body is not None:
+            item["requestBody"] = {"required": True, "content": _content(ref[op.body])}
+        paths.setdefault(op.path, {})[op.method] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "vllm-gateway", "version": version,
+                 "description": "OpenAI-compatible API of vllm-gateway (a CPU gateway in front of vLLM engines)."},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
