@@ -2,9 +2,11 @@
 
 Not an engine: it runs no model. It speaks the real protocol (protocol/messages.py)
 on a ZeroMQ ROUTER like `engine/server.py`, reports itself ready, and answers every
-`Generate` with `max_tokens` one-character tokens ("x"), `--tokens-per-step` per
+`Generate` with `max_tokens` one-character tokens, `--tokens-per-step` per
 request every `--step-ms`, all requests' deltas of a step in one `Outputs` message
-per gateway, the way a real engine step does. `Abort` stops a request.
+per gateway, the way a real engine step does. `Abort` stops a request. Token k
+of every choice is the digit `k % 10`, so a client can check that nothing was
+lost or reordered: the text of a whole answer is `expected_text(max_tokens)`.
 
     python benchmarks/synthetic_engine.py --endpoint ipc:///tmp/synth --step-ms 10
 """
@@ -35,13 +37,21 @@ from protocol.messages import (  # noqa: E402
 )
 
 
+DIGITS = "0123456789" * 2
+
+
+def expected_text(num_tokens: int) -> str:
+    return ("0123456789" * (num_tokens // 10 + 1))[:num_tokens]
+
+
 class Request:
-    __slots__ = ("rid", "ident", "left", "prompt_tokens", "n")
+    __slots__ = ("rid", "ident", "left", "sent", "prompt_tokens", "n")
 
     def __init__(self, rid: str, ident: bytes, max_tokens: int, n: int) -> None:
         self.rid = rid
         self.ident = ident
         self.left = max_tokens
+        self.sent = 0
         self.prompt_tokens = 8
         self.n = n
 
@@ -74,7 +84,6 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
 
     async def steps() -> None:
         token_ids = list(range(100, 100 + tokens_per_step))
-        text = "x" * tokens_per_step
         next_status = 0.0
         while True:
             started = time.monotonic()
@@ -83,10 +92,13 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
             for r in running.values():
                 k = min(tokens_per_step, r.left)
                 r.left -= k
+                start = r.sent % 10
+                text = DIGITS[start:start + k] if k <= 10 else expected_text(start + k)[start:]
+                r.sent += k
                 reason = "length" if r.left == 0 else None
                 deltas = out.setdefault(r.ident, [])
                 for i in range(r.n):
-                    deltas.append(Delta(r.rid, i, text[:k], token_ids[:k], r.prompt_tokens, reason))
+                    deltas.append(Delta(r.rid, i, text, token_ids[:k], r.prompt_tokens, reason))
                 if reason:
                     finished.append(r.rid)
             for rid in finished:

@@ -93,8 +93,15 @@ def test_engines_bound_to_their_own_cores(two_engines):
         assert not (cores[0] & cores[1]), cores
 
 
+def both_ready(url: str, proc: Proc) -> dict:
+    """Each test starts from two ready engines, whatever the one before left."""
+    return wait_until(lambda: (lambda s, h: s == 200 and all(e["ready"] for e in h["engines"]) and h)(*health(url)),
+                      300, "both engines ready", proc)
+
+
 def test_kill_one_engine_mid_stream(two_engines):
     url, proc = two_engines
+    both_ready(url, proc)
     streams = [Stream(url, 400) for _ in range(6)]
     # every stream under way, on both engines
     _, h = wait_until(lambda: all(s.tokens >= 2 for s in streams) and health(url), 300, "streams to start", proc)
@@ -106,13 +113,13 @@ def test_kill_one_engine_mid_stream(two_engines):
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
 
-    # the victim's streams end with an error event and [DONE], within seconds
+    # the victim's streams end with an error event and [DONE] within a second
     wait_until(lambda: sum(s.failed for s in streams) >= victim["in_flight"], 15, "the victim's streams to fail", proc)
-    assert all(s.error_at - killed_at < 10 for s in streams if s.failed)
+    assert all(s.error_at - killed_at < 1.0 for s in streams if s.failed), [s.error_at - killed_at for s in streams if s.failed]
     for s in streams:
         if s.failed:
             err = next(e for e in s.events if isinstance(e, dict) and "error" in e)["error"]
-            assert err["type"] == "engine_unavailable" and "went away" in err["message"], err
+            assert err["type"] == "engine_unavailable", err
 
     # the gateway stays healthy and new requests go to the survivor
     status, h = health(url)
@@ -145,11 +152,22 @@ def test_kill_one_engine_mid_stream(two_engines):
         t.join()
     assert results == [200] * 4
     assert health(url)[1]["engines"][0]["routed"] > before
-    assert "restarting it in" in proc.log_path.read_text()
 
 
-def test_sigterm_drains_then_exits_zero(two_engines):
+def test_sigterm_during_a_restart_drains_then_exits_zero(two_engines):
+    """SIGTERM while one engine is being restarted (dead, then loading) and the
+    other serves a stream: the stream completes, new work gets 503, exit 0."""
     url, proc = two_engines
+    h = both_ready(url, proc)
+    victim, survivor = h["engines"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: not health(url)[1]["engines"][0]["ready"], 10, "the victim to leave routing", proc)
+
+    def reloading():  # the launcher has started its replacement, which is loading
+        pids = {victim["pid"], survivor["pid"]}
+        return [c for c in psutil.Process(proc.popen.pid).children()
+                if "engine" in c.cmdline() and c.pid not in pids and c.is_running()]
+    wait_until(reloading, 30, "the victim's replacement to start", proc)
     stream = Stream(url, 150)
     wait_until(lambda: stream.tokens >= 2, 120, "the stream to start", proc)
     proc.popen.send_signal(signal.SIGTERM)
