@@ -8,7 +8,7 @@ import os
 import sys
 
 from engine import args as engine_args
-from engine import default_model
+from engine import default_model, reaper
 from protocol import transport
 from protocol.endpoints import default_engine_endpoint
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
 
+    reaper.start()  # before anything is loaded: a small fork
     import torch  # only now: argument errors above should not wait for torch
 
     for choice in engine_args.apply_platform_defaults(

@@ -10,7 +10,6 @@ slot and KV cache as the cancellation passes through `generate`.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import os
@@ -232,11 +231,18 @@ class EngineServer:
         next_metrics = time.monotonic() + METRICS_INTERVAL_S
         busy = False
         while True:
-            await asyncio.sleep(STATUS_INTERVAL_S if busy else IDLE_CHECK_INTERVAL_S)
+            interval = STATUS_INTERVAL_S if busy else IDLE_CHECK_INTERVAL_S
+            slept_from = time.monotonic()
+            await asyncio.sleep(interval)
             now = time.monotonic()
             if now >= next_metrics:
                 next_metrics = now + METRICS_INTERVAL_S
                 self._send_metrics()
+            if now - slept_from > interval + 1.0:
+                # This loop itself was held up (a long synchronous step): the
+                # gateways' heartbeats are waiting unread, so their silence says nothing.
+                for ident in self.gateways:
+                    self.gateways[ident] = now
             for ident, seen in list(self.gateways.items()):
                 if now - seen > GATEWAY_TIMEOUT_S:
                     self._forget_gateway(ident)
@@ -255,6 +261,9 @@ class EngineServer:
             log.warning("a gateway went silent; aborting its %d request(s)", len(orphans))
         for rid in orphans:
             self.tasks[rid].cancel()
+            # Should the gateway still be there after all, it learns at once.
+            self._send(ident, RequestFailed(rid, 503, "the engine lost contact with this gateway and "
+                                                      "stopped the request", "engine_unavailable"))
 
     def _send(self, ident: bytes, msg: Any) -> None:
         assert self.sock is not None
@@ -400,34 +409,8 @@ def supported_engine_args() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _forked_children_die_with_us() -> None:
-    """vLLM forks its engine-core process from this one (and that one its
-    workers). Were this process killed outright, the engine core would run on,
-    holding the model's memory, wherever nothing reaps the process group (a
-    shell, supervisord): every child forked from here asks the kernel for a
-    SIGTERM when its parent dies, which vLLM's engine core handles by shutting
-    down with its workers."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return  # not Linux
-
-    forking = [0]  # the pid of the process that forks, read in the child
-
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != forking[0]:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()), after_in_child=in_child)
-
-
 def serve(config: EngineConfig) -> int:
     """Run the engine until SIGTERM/SIGINT; returns the process exit code."""
-    _forked_children_die_with_us()
     try:
         import uvloop
 

@@ -59,6 +59,16 @@ def _content(schema: dict[str, Any], media_type: str = JSON) -> dict[str, Any]:
     return {media_type: {"schema": schema}}
 
 
+def _sse_event(chunk: str) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1 describes each event of a stream)."""
+    return {
+        "type": "object",
+        "properties": {"data": {"type": "string", "contentMediaType": JSON, "description": (
+            f"a {chunk} as JSON; on a failure during the stream an ErrorResponse; last, `[DONE]`")}},
+        "required": ["data"],
+    }
+
+
 def document(version: str = "0.1.0") -> dict[str, Any]:
     types = sorted({t for op in OPERATIONS for t in (op.body, op.answer, op.chunk) if t} | {ErrorResponse},
                    key=lambda t: t.__name__)
@@ -69,8 +79,7 @@ def document(version: str = "0.1.0") -> dict[str, Any]:
         if op.answer is not None:
             ok = _content(ref[op.answer])
             if op.chunk is not None:
-                ok.update(_content({"type": "string", "description": (
-                    f"`data: <{op.chunk.__name__} as JSON>` events, an error event on failure, then `data: [DONE]`")}, SSE))
+                ok.update(_content(_sse_event(op.chunk.__name__), SSE))
         else:
             ok = _content({"type": "object"} if op.other == JSON else {"type": "string"}, op.other or JSON)
         responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}

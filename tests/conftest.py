@@ -40,12 +40,15 @@ def child_env(**extra: str) -> dict[str, str]:
 class Proc:
     """A child process whose output goes to a log file we can show on failure."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT,
+                 own_group: bool = False) -> None:
+        """`own_group`: in a process group of its own, as supervisord and systemd start
+        engines (an engine then takes vLLM's processes with it however it dies)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
         self.popen = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=cwd,
-                                      stdout=self.log, stderr=subprocess.STDOUT)
+                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=own_group)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -88,7 +91,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine_endpoint(run_dir):
     endpoint = f"ipc://{run_dir}/engine-0"
-    proc = Proc("engine", ["engine", "--endpoint", endpoint], child_env(), run_dir)
+    proc = Proc("engine", ["engine", "--endpoint", endpoint], child_env(), run_dir, own_group=True)
     yield endpoint, proc
     proc.stop()
 

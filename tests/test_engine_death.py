@@ -38,7 +38,8 @@ class Answer(threading.Thread):
 @pytest.fixture(scope="module")
 def lone_engine(run_dir):
     endpoint = f"ipc://{run_dir}/lone-engine"
-    engine = Proc("lone-engine", ["engine", "--endpoint", endpoint, "--max-model-len", "1024"], child_env(), run_dir)
+    engine = Proc("lone-engine", ["engine", "--endpoint", endpoint, "--max-model-len", "1024"], child_env(), run_dir,
+                  own_group=True)
     port = free_port()
     gateway = Proc("lone-gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                    child_env(), run_dir)

@@ -61,7 +61,7 @@ def nested(depth: int) -> str:
     (COMPLETIONS, {"prompt": [BIG]}, "prompt"),
     (COMPLETIONS, {"prompt": [[1, -BIG]]}, "prompt"),
     (CHAT, {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": BIG}]}, *USER]}, "messages"),
-    (CHAT, {"messages": USER, "temperature": 1e400}, "temperature"),
+    (CHAT, '{"messages": [{"role": "user", "content": "x"}], "temperature": 1e400}', "temperature"),
 ])
 def test_hostile_values_get_a_fast_400(http, path, body, param):
     err = refused(http, path, body)

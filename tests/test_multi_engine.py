@@ -165,8 +165,14 @@ def test_sigterm_during_a_restart_drains_then_exits_zero(two_engines):
 
     def reloading():  # the launcher has started its replacement, which is loading
         pids = {victim["pid"], survivor["pid"]}
-        return [c for c in psutil.Process(proc.popen.pid).children()
-                if "engine" in c.cmdline() and c.pid not in pids and c.is_running()]
+        found = []
+        for c in psutil.Process(proc.popen.pid).children():
+            try:
+                if c.pid not in pids and "engine" in c.cmdline():
+                    found.append(c)
+            except psutil.Error:  # the victim, a zombie until the launcher reaps it
+                pass
+        return found
     wait_until(reloading, 30, "the victim's replacement to start", proc)
     stream = Stream(url, 150)
     wait_until(lambda: stream.tokens >= 2, 120, "the stream to start", proc)
