@@ -207,6 +207,11 @@ def test_standard_chat_template_and_default_max_tokens(queue, worker):
     ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "gpt-4", "messages": FRANCE}}, "model", "model_not_found"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": FRANCE, "n": 0}}, "n", None),
     ({"openai_route": "/v1/completions", "openai_input": {"prompt": "x", "max_tokens": 5000}}, "max_tokens", "context_length_exceeded"),
+    # hostile values: numbers beyond 64 bits, huge lists
+    ({"prompt": "hi", "sampling_params": {"seed": 10**30}}, "sampling_params.seed", None),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": 10**30}]}, *FRANCE]}, "prompt", None),
+    ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": FRANCE, "stop": ["a"] * 100_000}}, "stop", None),
+    ({"openai_route": "/v1/completions", "openai_input": {"prompt": [1] * 100_000}}, "prompt", "context_length_exceeded"),
 ])
 def test_bad_input_fails_the_job_with_an_openai_error(queue, worker, job_input, param, code):
     outputs, result = run(queue, worker, job_input)
@@ -314,7 +319,6 @@ def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
         body = r.json()
         assert body["status"] == "COMPLETED", body
         assert "Paris" in body["output"][0]["choices"][0]["message"]["content"]
-        assert "engines ready" in proc.log_path.read_text()
     finally:
         code = proc.stop(signal.SIGINT, timeout=60)
     assert code == 0, proc.tail()
@@ -329,8 +333,7 @@ def test_worker_exits_nonzero_when_the_engine_cannot_start(run_dir):
         code = proc.popen.wait(300)
     finally:
         proc.stop()
-    log = proc.log_path.read_text()
-    assert code == 1 and "the worker cannot start: engine 0 exited with code" in log, log[-3000:]
+    assert code == 1, proc.tail()
 
 
 def test_worker_refuses_a_bad_setting_at_once(run_dir):
@@ -341,15 +344,15 @@ def test_worker_refuses_a_bad_setting_at_once(run_dir):
         code = proc.popen.wait(60)
     finally:
         proc.stop()
-    log = proc.log_path.read_text()
-    assert code == 2 and "MAX_MODEL_LEN='lots'" in log, log
+    assert code == 2 and "MAX_MODEL_LEN" in proc.log_path.read_text(), proc.tail()  # the bad setting is named
 
 
 def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
     """The worker's own engine killed mid-job: the job fails at once with the OpenAI
     error; the worker restarts the engine, and the next job waits for it and succeeds."""
     import os
-    import re
+
+    import psutil
 
     q = JobQueue()
     cwd = run_dir / "rp-own-engine"
@@ -362,17 +365,19 @@ def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
             q.wait_stream(job, 2, timeout=600)
         except TimeoutError:
             raise AssertionError(proc.tail()) from None
-        pid = int(re.search(r"engine 0: pid (\d+)", proc.log_path.read_text()).group(1))
+        [engine] = [p for p in psutil.Process(proc.popen.pid).children() if "engine" in p.cmdline()]
+        pid = engine.pid
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         err = job_error(q.wait_done(job, 30))
         assert time.monotonic() - killed < 10
-        assert err["type"] == "engine_unavailable" and "went away" in err["message"], err
+        assert err["type"] == "engine_unavailable", err
         assert q.stream[job], "the batches sent before the failure stay sent"
 
         _, result = q.run({"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": True}}, timeout=600)
         assert result["output"][0]["usage"]["output"] == 3, result
-        assert "restarting it in" in proc.log_path.read_text()
+        [restarted] = [p for p in psutil.Process(proc.popen.pid).children() if "engine" in p.cmdline()]
+        assert restarted.pid != pid
     finally:
         code = proc.stop(signal.SIGTERM, timeout=60)
         q.close()
