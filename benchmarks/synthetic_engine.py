@@ -26,6 +26,7 @@ import zmq.asyncio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protocol.messages import (  # noqa: E402
+    PROTOCOL_VERSION,
     Abort,
     Delta,
     EngineStatus,
@@ -67,7 +68,8 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
     gateways: set[bytes] = set()
 
     def status() -> bytes:
-        return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, len(running), 0, 0.0, pid=os.getpid()))
+        return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, len(running), 0, 0.0, pid=os.getpid(),
+                                   protocol_version=PROTOCOL_VERSION))
 
     async def receive() -> None:
         while True:

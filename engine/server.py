@@ -35,7 +35,9 @@ from protocol.messages import (
     Abort,
     ChatPrompt,
     Delta,
+    PROTOCOL_VERSION,
     EngineStatus,
+    FailureKind,
     Generate,
     Hello,
     Outputs,
@@ -61,9 +63,10 @@ TOKENIZE_INLINE_MAX_CHARS = 8192
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, kind: FailureKind = FailureKind.BAD_REQUEST) -> None:
         super().__init__(message)
         self.param = param
+        self.kind = kind
 
 
 @dataclasses.dataclass
@@ -106,6 +109,7 @@ class EngineServer:
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
+        self.incompatible: set[bytes] = set()  # gateways of another protocol version
         self.metrics: dict[bytes, EngineMetrics] = {}  # per gateway: its requests only
         self.stats: dict[str, RequestStats] = {}
         self._pending: dict[bytes, list[Delta]] = {}
@@ -167,14 +171,21 @@ class EngineServer:
                 log.warning("undecodable message from gateway: %s", e)
                 continue
             if isinstance(msg, Generate):
-                self._start(ident, msg)
+                if ident not in self.incompatible:
+                    self._start(ident, msg)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     task = self.tasks.get(rid)
                     if task is not None:
                         task.cancel()
             elif isinstance(msg, Hello):
-                if ident not in self.gateways:
+                if msg.protocol_version != PROTOCOL_VERSION:
+                    if ident not in self.incompatible:
+                        self.incompatible.add(ident)
+                        log.error("gateway %s speaks protocol version %d, this engine %d: refusing its requests "
+                                  "(run the same vllm-gateway version on both)", msg.gateway_id,
+                                  msg.protocol_version, PROTOCOL_VERSION)
+                elif ident not in self.gateways:
                     log.info("gateway %s connected", msg.gateway_id)
                 self.gateways[ident] = time.monotonic()
                 self._send(ident, self._status())
@@ -182,7 +193,7 @@ class EngineServer:
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
         if rid in self.tasks:
-            self._send(ident, RequestFailed(rid, 400, f"duplicate request id {rid}"))
+            self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
             return
         self.gateways.setdefault(ident, time.monotonic())
         self.owner[rid] = ident
@@ -202,6 +213,7 @@ class EngineServer:
             waiting=int(load["waiting"]),
             kv_cache_usage=float(load["kv_cache_usage"]),
             pid=os.getpid(),
+            protocol_version=PROTOCOL_VERSION,
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
@@ -262,8 +274,8 @@ class EngineServer:
         for rid in orphans:
             self.tasks[rid].cancel()
             # Should the gateway still be there after all, it learns at once.
-            self._send(ident, RequestFailed(rid, 503, "the engine lost contact with this gateway and "
-                                                      "stopped the request", "engine_unavailable"))
+            self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE,
+                                            "the engine lost contact with this gateway and stopped the request"))
 
     def _send(self, ident: bytes, msg: Any) -> None:
         assert self.sock is not None
@@ -334,18 +346,22 @@ class EngineServer:
         except asyncio.CancelledError:
             stats.on_abort()  # vLLM has already freed the request inside generate()
         except BadRequest as e:
-            self._send(ident, RequestFailed(rid, 400, str(e), param=e.param))
+            self._send(ident, RequestFailed(rid, e.kind, str(e), param=e.param))
         except EngineDeadError:
-            self._send(ident, RequestFailed(rid, 503, "the engine died; retry the request", "engine_unavailable"))
+            self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine died; retry the request"))
             self._stopping.set()
         except (VLLMClientError, ValueError, TypeError) as e:  # vLLM's own validation
-            self._send(ident, RequestFailed(rid, 400, str(e), param=getattr(e, "parameter", None)))
+            self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None)))
         except GracefulHTTPError as e:  # e.g. vLLM's admission control
-            self._send(ident, RequestFailed(rid, int(e.http_status), e.message, "server_error"))
+            status = int(e.http_status)
+            kind = (FailureKind.OVERLOADED if status in (429, 503) else
+                    FailureKind.BAD_REQUEST if status < 500 else FailureKind.INTERNAL)
+            self._send(ident, RequestFailed(rid, kind, e.message))
         except Exception as e:
             log.exception("request %s failed", rid)
             cause = e.__cause__ if e.__cause__ is not None else e
-            self._send(ident, RequestFailed(rid, 500, f"internal engine error: {type(cause).__name__}: {cause}", "server_error"))
+            self._send(ident, RequestFailed(rid, FailureKind.INTERNAL,
+                                            f"internal engine error: {type(cause).__name__}: {cause}"))
         finally:
             self.tasks.pop(rid, None)
             self.owner.pop(rid, None)
@@ -358,7 +374,7 @@ class EngineServer:
                 raise BadRequest(
                     f"This model's maximum context length is {limit} tokens. However, your prompt "
                     f"has {num_prompt} tokens, which leaves no room for a completion.",
-                    "prompt",
+                    "prompt", FailureKind.CONTEXT_TOO_LONG,
                 )
             return limit - num_prompt
         if num_prompt + requested > limit:
@@ -366,7 +382,7 @@ class EngineServer:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} in the "
                 f"completion). Please reduce the length of the prompt or of max_tokens.",
-                "max_tokens" if num_prompt < limit else "prompt",
+                "max_tokens" if num_prompt < limit else "prompt", FailureKind.CONTEXT_TOO_LONG,
             )
         return requested
 

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 from gateway import requests as oai_requests
 from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
-from gateway.errors import APIError
+from gateway.errors import APIError, from_failure
 from gateway.metrics import TTFT
 from gateway.responses import ChatFormatter, CompletionFormatter
-from protocol.messages import Delta, EngineStatus, Generate, RequestFailed
+from protocol.messages import Delta, EngineStatus, Generate
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
@@ -50,13 +50,6 @@ def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | 
         continuous_usage=bool(opts and opts.continuous_usage_stats),
     )
     return Call(gens, fmt, "prompt", req.stream, bool(opts and opts.include_usage))
-
-
-def engine_error(failure: RequestFailed, prompt_param: str) -> APIError:
-    param = prompt_param if failure.param == "prompt" else failure.param
-    code = "context_length_exceeded" if "maximum context length" in failure.message else None
-    return APIError(failure.status, failure.message, param=param, code=code,
-                    type=failure.error_type if failure.status >= 500 else None)
 
 
 def no_engine() -> APIError:
@@ -131,7 +124,7 @@ class CallRun:
         try:
             return await self.rs.next()
         except StreamFailed as e:
-            raise engine_error(e.failure, self.call.prompt_param) from None
+            raise from_failure(e.failure, self.call.prompt_param) from None
 
     async def start(self) -> None:
         try:

@@ -30,6 +30,8 @@ class GatewaySettings:
     response_role: str = "assistant"
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout_s: float = 30  # a request body must arrive within this
+    engine_timeout_s: float = 5  # an engine silent this long fails its requests
+    engine_start_timeout_s: float = 3600  # `serve`: engines not ready by then is an error
     drain_timeout_s: float = 30
     request_timeout_s: float = 0  # 0: no limit
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
@@ -45,6 +47,8 @@ class GatewaySettings:
             response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
             max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
             body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
+            engine_timeout_s=_env(env, "ENGINE_TIMEOUT_S", cls.engine_timeout_s, float),
+            engine_start_timeout_s=_env(env, "ENGINE_START_TIMEOUT_S", cls.engine_start_timeout_s, float),
             drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
@@ -65,6 +69,8 @@ class RunPodSettings:
     response_role: str = "assistant"
     # How long a job waits for an engine to be ready before failing with a 503.
     engine_wait_s: float = 300.0
+    engine_timeout_s: float = 5  # an engine silent this long fails its requests
+    engine_start_timeout_s: float = 3600  # the worker exits non-zero if the engines are not ready by then
     request_timeout_s: float = 0  # 0: no limit
     metrics_port: int = 0  # 0: no /metrics listener
     metrics_host: str = "127.0.0.1"
@@ -83,6 +89,8 @@ class RunPodSettings:
             batch_size_growth_factor=get("DEFAULT_BATCH_SIZE_GROWTH_FACTOR", cls.batch_size_growth_factor, float),
             response_role=get("OPENAI_RESPONSE_ROLE", cls.response_role),
             engine_wait_s=get("ENGINE_WAIT_S", cls.engine_wait_s, float),
+            engine_timeout_s=get("ENGINE_TIMEOUT_S", cls.engine_timeout_s, float),
+            engine_start_timeout_s=get("ENGINE_START_TIMEOUT_S", cls.engine_start_timeout_s, float),
             request_timeout_s=get("REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             metrics_port=get("METRICS_PORT", cls.metrics_port, int),
             metrics_host=get("METRICS_HOST", cls.metrics_host),

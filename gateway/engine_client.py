@@ -26,7 +26,9 @@ from protocol.messages import (
     Abort,
     EngineMetrics,
     Delta,
+    PROTOCOL_VERSION,
     EngineStatus,
+    FailureKind,
     Generate,
     Hello,
     Outputs,
@@ -40,8 +42,6 @@ from protocol.transport import secure_client
 log = logging.getLogger("gateway.engines")
 
 HEARTBEAT_S = 0.5
-# An engine silent for this long is considered gone.
-ENGINE_TIMEOUT_S = float(os.environ.get("ENGINE_TIMEOUT_S", "5"))
 
 
 class RequestStream:
@@ -103,8 +103,9 @@ class StreamFailed(Exception):
 
 
 class EngineConnection:
-    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context, timeout_s: float) -> None:
         self.endpoint = endpoint
+        self.timeout_s = timeout_s  # silent this long: considered gone
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -121,13 +122,14 @@ class EngineConnection:
         self.unreported = 0
         self.routed = 0  # requests sent to this engine, ever
         self.metrics: EngineMetrics | None = None  # the engine's latest report
+        self.incompatible = ""  # the instance of an engine of another protocol version, logged once
 
     @property
     def ready(self) -> bool:
         return (
             self.status is not None
             and self.status.state == "ready"
-            and time.monotonic() - self.last_seen < ENGINE_TIMEOUT_S
+            and time.monotonic() - self.last_seen < self.timeout_s
         )
 
     @property
@@ -141,10 +143,10 @@ class EngineConnection:
 
 
 class EngineClient:
-    def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None) -> None:
+    def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None, engine_timeout_s: float = 5.0) -> None:
         self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = zmq.asyncio.Context()
-        self.engines = [EngineConnection(ep, self.ctx) for ep in endpoints]
+        self.engines = [EngineConnection(ep, self.ctx, engine_timeout_s) for ep in endpoints]
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
@@ -161,7 +163,7 @@ class EngineClient:
             t.cancel()
         for e in self.engines:
             for s in list(e.streams.values()):
-                s.fail(RequestFailed("", 503, "the gateway is shutting down", "engine_unavailable"))
+                s.fail(RequestFailed("", FailureKind.ENGINE_UNAVAILABLE, "the gateway is shutting down"))
             e.sock.disable_monitor()
             e.monitor.close(0)
             e.sock.close(0)
@@ -268,6 +270,14 @@ class EngineClient:
             stream.push(d)
 
     def _on_status(self, engine: EngineConnection, status: EngineStatus) -> None:
+        if status.protocol_version != PROTOCOL_VERSION:
+            if engine.incompatible != status.instance:
+                engine.incompatible = status.instance
+                log.error("engine %s at %s speaks protocol version %d, this gateway %d: not routing to it "
+                          "(run the same vllm-gateway version on both)", status.engine_id, engine.endpoint,
+                          status.protocol_version, PROTOCOL_VERSION)
+            engine.status = None
+            return
         previous = engine.status
         if previous is not None and previous.instance != status.instance:
             self._fail_all(engine, "the engine restarted; the request was lost")
@@ -282,7 +292,7 @@ class EngineClient:
     def _fail_all(self, engine: EngineConnection, why: str) -> None:
         streams, engine.streams = engine.streams, {}
         for rid, stream in streams.items():
-            stream.fail(RequestFailed(rid, 503, why, "engine_unavailable"))
+            stream.fail(RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, why))
 
     async def _monitor_loop(self, engine: EngineConnection) -> None:
         while True:
@@ -294,11 +304,11 @@ class EngineClient:
                 self._fail_all(engine, "the engine went away (its process exited or the connection dropped)")
 
     async def _heartbeat_loop(self) -> None:
-        hello = Hello(self.gateway_id)
+        hello = Hello(self.gateway_id, PROTOCOL_VERSION)
         while True:
             now = time.monotonic()
             for e in self.engines:
-                if e.status is not None and e.streams and now - e.last_seen > ENGINE_TIMEOUT_S:
+                if e.status is not None and e.streams and now - e.last_seen > e.timeout_s:
                     log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint, len(e.streams))
                     self._fail_all(e, "the engine stopped answering")
                 e.send(hello)

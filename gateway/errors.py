@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from protocol.messages import FailureKind, RequestFailed
 from protocol.openai import ErrorInfo, ErrorResponse, json_encode
 
 T = TypeVar("T")
@@ -86,3 +87,21 @@ def decode_or_400(decode: Callable[[Any], T], data: Any, what: str = "request") 
         raise APIError(400, "malformed JSON body: invalid UTF-8") from None
     except RecursionError:
         raise APIError(400, f"invalid {what}: nested too deeply") from None
+
+
+# An engine's failure kind -> (HTTP status, OpenAI error type, code): the one place it is decided.
+_FAILURES = {
+    FailureKind.BAD_REQUEST: (400, "invalid_request_error", None),
+    FailureKind.CONTEXT_TOO_LONG: (400, "invalid_request_error", "context_length_exceeded"),
+    FailureKind.ENGINE_UNAVAILABLE: (503, "engine_unavailable", None),
+    FailureKind.OVERLOADED: (503, "service_unavailable_error", "overloaded"),
+    FailureKind.INTERNAL: (500, "server_error", None),
+}
+
+
+def from_failure(failure: RequestFailed, prompt_param: str = "prompt") -> APIError:
+    """The client's error for an engine request's failure. A prompt fault names
+    the field the prompt came in (`messages` for chat)."""
+    status, type_, code = _FAILURES.get(failure.kind, _FAILURES[FailureKind.INTERNAL])
+    param = prompt_param if failure.param == "prompt" else failure.param
+    return APIError(status, failure.message, param=param, code=code, type=type_)

@@ -79,7 +79,7 @@ class RequestMetrics:
 class Gateway:
     def __init__(self, settings: GatewaySettings, client: EngineClient | None = None) -> None:
         self.settings = settings
-        self.client = client or EngineClient(settings.engine_endpoints)
+        self.client = client or EngineClient(settings.engine_endpoints, engine_timeout_s=settings.engine_timeout_s)
         # Set on SIGTERM: new work gets a 503 while what runs finishes.
         self.draining = False
 

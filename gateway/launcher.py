@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping
 
 import zmq
 
-from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
+from gateway.config import GatewaySettings
+from protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
 from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.launcher")
@@ -41,8 +42,6 @@ PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_MIN_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
 RESTART_BACKOFF_RESET_S = 120.0
-ENGINE_START_TIMEOUT_S = float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600"))
-DRAIN_TIMEOUT_S = float(os.environ.get("DRAIN_TIMEOUT_S", "30"))
 
 
 class EngineStartFailed(RuntimeError):
@@ -282,9 +281,12 @@ def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, ti
             for i, s in enumerate(socks):
                 if i in ready:
                     continue
-                s.send(encode(Hello("launcher")))
+                s.send(encode(Hello("launcher", PROTOCOL_VERSION)))
                 while i not in ready and s.poll(int(POLL_S * 1000 / len(socks))):
                     msg = decode_engine_message(s.recv())
+                    if isinstance(msg, EngineStatus) and msg.protocol_version != PROTOCOL_VERSION:
+                        raise EngineStartFailed(f"engine {i} speaks protocol version {msg.protocol_version}, "
+                                                f"this launcher {PROTOCOL_VERSION}")
                     if isinstance(msg, EngineStatus) and msg.state == "ready":
                         ready[i] = msg
                     elif isinstance(msg, EngineStatus) and msg.state == "failed":
@@ -321,6 +323,7 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
+        settings = GatewaySettings.from_env()
         engines = EngineProcesses(engine_argv)
     except ValueError as e:
         log.error("bad setting: %s", e)
@@ -332,7 +335,8 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
 
     code = 0
     try:
-        wait_engines_ready(engines.endpoints, engines, ENGINE_START_TIMEOUT_S, lambda: stopping or http.poll() is not None)
+        wait_engines_ready(engines.endpoints, engines, settings.engine_start_timeout_s,
+                           lambda: stopping or http.poll() is not None)
         while not stopping and http.poll() is None and not _healthy(url + "/health"):
             time.sleep(0.1)
         if not stopping and http.poll() is None:
@@ -350,7 +354,7 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
     finally:
         log.info("stopping")
         # The gateway drains first (new requests get 503, running ones finish), then the engines stop.
-        stop_processes([http], timeout=DRAIN_TIMEOUT_S + 15)
+        stop_processes([http], timeout=settings.drain_timeout_s + 15)
         engines.stop()
         # A stop is judged by the gateway's drain alone: engines may be loading,
         # waiting for a restart or dead when it comes, and stopping them is the point.

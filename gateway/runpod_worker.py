@@ -71,7 +71,7 @@ class JobHandler:
     async def _engines(self) -> EngineClient:
         # Made on the first job, in the event loop the SDK runs jobs in.
         if self._client is None:
-            self._client = EngineClient(self.settings.engine_endpoints)
+            self._client = EngineClient(self.settings.engine_endpoints, engine_timeout_s=self.settings.engine_timeout_s)
             await self._client.start()
         if not self._client.ready:
             await self._client.wait_ready(self.settings.engine_wait_s)
@@ -222,7 +222,7 @@ def main(argv: list[str]) -> int:
     # everything else is for the engines.
     _, engine_argv = runpod.serverless.parser.parse_known_args(argv)
     engines = None
-    if not os.environ.get("ENGINE_ENDPOINTS"):
+    if not os.environ.get("ENGINE_ENDPOINTS"):  # unset: start our own engines
         try:
             engines = EngineProcesses(engine_argv)
         except ValueError as e:
@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     try:
         try:
             statuses = wait_engines_ready(settings.engine_endpoints, engines,
-                                          float(os.environ.get("ENGINE_START_TIMEOUT_S", "3600")), stop.is_set)
+                                          settings.engine_start_timeout_s, stop.is_set)
         except EngineStartFailed as e:
             if stop.is_set():
                 log.info("stopped before the engines were ready")

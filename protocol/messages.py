@@ -6,15 +6,27 @@ no field names on the wire) whose first element, the tag, says which message it 
 Only msgpack crosses the wire. The per-step messages (`Outputs`, `Delta`,
 `TokenLogprob`) are `gc=False`: they hold no cycles, and tens of thousands of them
 a second would otherwise keep the garbage collector busy.
+
+Rules for changing this module, so that a gateway and an engine of different
+builds either understand each other or say clearly that they do not:
+- fields are only ever appended to a message, with a default; never removed,
+  reordered or retyped (messages are arrays: position is meaning);
+- anything else (a new tag's meaning, a changed field) bumps `PROTOCOL_VERSION`.
+Both sides exchange the version in the handshake (`Hello` / `EngineStatus`); an
+engine refuses the requests of a gateway of another version, and a gateway does
+not route to an engine of another version; both log why.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Literal, Union
 
 import msgspec
 
 from protocol.metrics import EngineMetrics
+
+PROTOCOL_VERSION = 2  # 1: before versioning (failures carried an HTTP status)
 
 # --------------------------------------------------------------------------- prompt
 
@@ -83,6 +95,7 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
     with its `EngineStatus`. `gateway_id` names the sender in the engine's logs."""
 
     gateway_id: str
+    protocol_version: int = 1  # absent from version-1 gateways
 
 
 class Generate(msgspec.Struct, tag="gen", array_like=True, omit_defaults=True):
@@ -137,14 +150,24 @@ class Outputs(msgspec.Struct, tag="out", array_like=True, gc=False):
     deltas: list[Delta]
 
 
+class FailureKind(enum.IntEnum):
+    """Why a request failed, as the engine knows it. The gateway alone maps a kind
+    to an HTTP status and an OpenAI error type and code (gateway/errors.py)."""
+
+    BAD_REQUEST = 1  # the request is invalid (vLLM's own validation included)
+    CONTEXT_TOO_LONG = 2  # prompt plus max_tokens beyond the model's context
+    ENGINE_UNAVAILABLE = 3  # the engine died, restarted, stopped or lost contact
+    OVERLOADED = 4  # the engine refused more work for now (admission control)
+    INTERNAL = 5  # a bug: the message says what
+
+
 class RequestFailed(msgspec.Struct, tag="fail", array_like=True, omit_defaults=True):
     """The request ended with an error; no more deltas follow for it."""
 
     request_id: str
-    status: int  # the HTTP status this maps to: 400 for bad input, 500, 503
+    kind: FailureKind
     message: str
-    error_type: str = "invalid_request_error"
-    param: str | None = None
+    param: str | None = None  # the request field at fault, when one is
 
 
 EngineState = Literal["loading", "ready", "failed", "stopping"]
@@ -165,6 +188,7 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     kv_cache_usage: float = 0.0
     error: str = ""
     pid: int = 0  # the engine process, for operators and supervisors
+    protocol_version: int = 1  # absent from version-1 engines
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics]

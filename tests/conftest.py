@@ -15,7 +15,7 @@ import httpx
 import pytest
 import zmq
 
-from protocol.messages import EngineStatus, Hello, decode_engine_message, encode
+from protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct"
@@ -134,7 +134,7 @@ def engine_running(endpoint: str) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send(encode(Hello("test-probe")))
+        sock.send(encode(Hello("test-probe", PROTOCOL_VERSION)))
         assert sock.poll(5000), "engine did not answer"
         msg = decode_engine_message(sock.recv())
         assert isinstance(msg, EngineStatus)

@@ -124,3 +124,32 @@ def _named(p: psutil.Process, prefix: str) -> bool:
         return p.name().startswith(prefix)
     except psutil.Error:
         return False
+
+
+def test_engine_refuses_the_requests_of_a_gateway_of_another_version(engine_endpoint):
+    import msgspec
+    import zmq
+
+    from protocol.messages import PROTOCOL_VERSION, EngineStatus, Generate, Outputs, SamplingParams, TextPrompt
+    from protocol.messages import decode_engine_message, encode
+
+    endpoint, _ = engine_endpoint
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(msgspec.msgpack.encode(["hello", "a-version-1-gateway"]))  # no version field: version 1
+        assert sock.poll(5000)
+        status = decode_engine_message(sock.recv())
+        assert isinstance(status, EngineStatus) and status.protocol_version == PROTOCOL_VERSION
+        sock.send(encode(Generate("old-1", TextPrompt("Hi"), SamplingParams(max_tokens=5))))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if sock.poll(200):
+                msg = decode_engine_message(sock.recv())
+                assert not isinstance(msg, Outputs), msg  # refused: nothing generated for it
+        assert engine_running(endpoint) == 0
+    finally:
+        sock.close()
+        ctx.term()

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from gateway.engine_client import RequestStream, StreamFailed
-from protocol.messages import Delta, RequestFailed
+from protocol.messages import Delta, FailureKind, RequestFailed
 
 
 def delta(i: int) -> Delta:
@@ -17,7 +17,7 @@ def test_engine_failure_comes_after_the_output_before_it():
         rs = RequestStream(["r"], None)
         rs.push(delta(1))
         rs.push(delta(2))
-        rs.fail(RequestFailed("r", 503, "gone"))
+        rs.fail(RequestFailed("r", FailureKind.ENGINE_UNAVAILABLE, "gone"))
         assert [d.text for d in await rs.next()] == ["1", "2"]
         with pytest.raises(StreamFailed):
             await rs.next()
@@ -35,7 +35,7 @@ def test_interrupt_ends_the_stream_at_once_even_while_output_keeps_coming():
         rs.push(delta(2))
         with pytest.raises(TimeoutError):
             await rs.next()
-        rs.fail(RequestFailed("r", 503, "gone"))  # the first error wins
+        rs.fail(RequestFailed("r", FailureKind.ENGINE_UNAVAILABLE, "gone"))  # the first error wins
         with pytest.raises(TimeoutError):
             await rs.next()
 
