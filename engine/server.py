@@ -79,21 +79,26 @@ class EngineConfig:
     keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
 
 
+@dataclasses.dataclass
+class Load:
+    """The scheduler's latest numbers, for our load reports."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
 class _LoadRecorder(StatLoggerBase):
-    """Keeps the scheduler's latest numbers for our load reports."""
+    """A vLLM stat logger that writes the scheduler's numbers into its server's `Load`."""
 
-    latest: dict[str, float] = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
-
-    def __init__(self, vllm_config, engine_index: int = 0) -> None:
-        pass
+    def __init__(self, load: Load) -> None:
+        self.load = load
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         if scheduler_stats is not None:
-            _LoadRecorder.latest = {
-                "running": scheduler_stats.num_running_reqs,
-                "waiting": scheduler_stats.num_waiting_reqs,
-                "kv_cache_usage": scheduler_stats.kv_cache_usage,
-            }
+            self.load.running = scheduler_stats.num_running_reqs
+            self.load.waiting = scheduler_stats.num_waiting_reqs
+            self.load.kv_cache_usage = scheduler_stats.kv_cache_usage
 
     def log_engine_initialized(self) -> None:
         pass
@@ -106,6 +111,7 @@ class EngineServer:
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
         self.tokenizer: Any = None
+        self.load = Load()
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
@@ -123,7 +129,8 @@ class EngineServer:
     async def run(self) -> int:
         started = time.monotonic()
         args = AsyncEngineArgs(**self.config.engine_args)
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_LoadRecorder])
+        # vLLM calls a per-engine stat logger factory with (vllm_config, engine_index).
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])
         self.max_model_len = self.llm.model_config.max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         log.info(
@@ -200,7 +207,7 @@ class EngineServer:
         self.tasks[rid] = asyncio.create_task(self._generate(ident, req))
 
     def _status(self, state: str = "ready") -> EngineStatus:
-        load = _LoadRecorder.latest
+        load = self.load
         if self.llm is not None and self.llm.errored:
             state = "failed"
         return EngineStatus(
@@ -209,9 +216,9 @@ class EngineServer:
             state=state,  # type: ignore[arg-type]
             model=self.config.served_model_name,
             max_model_len=self.max_model_len,
-            running=int(load["running"]),
-            waiting=int(load["waiting"]),
-            kv_cache_usage=float(load["kv_cache_usage"]),
+            running=int(load.running),
+            waiting=int(load.waiting),
+            kv_cache_usage=float(load.kv_cache_usage),
             pid=os.getpid(),
             protocol_version=PROTOCOL_VERSION,
         )
@@ -228,7 +235,7 @@ class EngineServer:
         return m
 
     def _send_metrics(self) -> None:
-        kv = float(_LoadRecorder.latest["kv_cache_usage"])
+        kv = float(self.load.kv_cache_usage)
         counts: dict[bytes, list[int]] = {ident: [0, 0] for ident in self.gateways}  # running, waiting
         for rid, st in self.stats.items():
             c = counts.get(self.owner.get(rid, b""))
