@@ -27,23 +27,21 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from engine import convert
+from engine.inputs import BadRequest, InputRenderer
+from engine.outputs import OutputBuilder
 from engine.stats import RequestStats
 from protocol.metrics import EngineMetrics
 from protocol.transport import ServerKeys, secure_server
 from protocol.messages import (
-    Abort,
-    ChatPrompt,
-    Delta,
     PROTOCOL_VERSION,
+    Abort,
+    Delta,
     EngineStatus,
     FailureKind,
     Generate,
     Hello,
     Outputs,
     RequestFailed,
-    TextPrompt,
-    TokensPrompt,
     decode_gateway_message,
     encode,
 )
@@ -58,15 +56,6 @@ GATEWAY_TIMEOUT_S = 10.0
 STATUS_INTERVAL_S = 0.1
 IDLE_CHECK_INTERVAL_S = 0.5
 METRICS_INTERVAL_S = 1.0
-# Prompts longer than this (in characters) are tokenized off the event loop.
-TOKENIZE_INLINE_MAX_CHARS = 8192
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, kind: FailureKind = FailureKind.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.param = param
-        self.kind = kind
 
 
 @dataclasses.dataclass
@@ -111,6 +100,7 @@ class EngineServer:
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
         self.tokenizer: Any = None
+        self.inputs: InputRenderer | None = None
         self.load = Load()
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
@@ -133,6 +123,7 @@ class EngineServer:
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])
         self.max_model_len = self.llm.model_config.max_model_len
         self.tokenizer = self.llm.get_tokenizer()
+        self.inputs = InputRenderer(self.tokenizer, self.max_model_len, self.config.chat_template)
         log.info(
             "engine %s ready in %.1f s: model %s, max_model_len %d",
             self.config.engine_id, time.monotonic() - started,
@@ -310,46 +301,19 @@ class EngineServer:
 
     async def _generate(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
-        assert self.llm is not None
+        assert self.llm is not None and self.inputs is not None
         stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
         try:
-            prompt_ids, prompt_text = await self._render(req)
-            max_tokens = self._max_tokens(len(prompt_ids), req.params.max_tokens)
-            params = convert.sampling_params(req.params, max_tokens)
-            k = req.params.logprobs or 0
-            want_logprobs = req.params.logprobs is not None
-            first = True
-            num_prompt = len(prompt_ids)
-            reasons: list[str] = []
+            rendered = await self.inputs.render(req)
+            builder = OutputBuilder(req, rendered, self.tokenizer)
             core_stats = None
-            async for out in self.llm.generate(VllmTokensPrompt(prompt_token_ids=prompt_ids), params, rid):
-                stats.on_output(num_prompt, sum(len(c.token_ids) for c in out.outputs))
+            prompt = VllmTokensPrompt(prompt_token_ids=rendered.prompt_ids)
+            async for out in self.llm.generate(prompt, rendered.params, rid):
+                stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs))
                 core_stats = out.metrics
-                for c in out.outputs:
-                    if c.finish_reason is not None:
-                        reasons.append(c.finish_reason)
-                    delta = Delta(
-                        request_id=rid,
-                        index=c.index,
-                        text=c.text,
-                        token_ids=list(c.token_ids),
-                        num_prompt_tokens=num_prompt,
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                        logprobs=convert.sample_logprobs(c.token_ids, c.logprobs, k) if want_logprobs else None,
-                    )
-                    if first:
-                        first = False
-                        if req.return_prompt:
-                            delta.prompt_text = prompt_text
-                            delta.prompt_token_ids = prompt_ids
-                            if req.params.prompt_logprobs is not None:
-                                delta.prompt_logprobs = convert.prompt_logprobs(
-                                    prompt_ids, out.prompt_logprobs, req.params.prompt_logprobs,
-                                    self.tokenizer.decode(prompt_ids[:1]),
-                                )
+                for delta in builder.deltas(out):
                     self._queue(ident, delta)
-            stats.on_finish(reasons, core_stats)
+            stats.on_finish(builder.reasons, core_stats)
         except asyncio.CancelledError:
             stats.on_abort()  # vLLM has already freed the request inside generate()
         except BadRequest as e:
@@ -373,59 +337,6 @@ class EngineServer:
             self.tasks.pop(rid, None)
             self.owner.pop(rid, None)
             self.stats.pop(rid, None)
-
-    def _max_tokens(self, num_prompt: int, requested: int | None) -> int:
-        limit = self.max_model_len
-        if requested is None:
-            if num_prompt >= limit:
-                raise BadRequest(
-                    f"This model's maximum context length is {limit} tokens. However, your prompt "
-                    f"has {num_prompt} tokens, which leaves no room for a completion.",
-                    "prompt", FailureKind.CONTEXT_TOO_LONG,
-                )
-            return limit - num_prompt
-        if num_prompt + requested > limit:
-            raise BadRequest(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} in the "
-                f"completion). Please reduce the length of the prompt or of max_tokens.",
-                "max_tokens" if num_prompt < limit else "prompt", FailureKind.CONTEXT_TOO_LONG,
-            )
-        return requested
-
-    async def _render(self, req: Generate) -> tuple[list[int], str | None]:
-        """The prompt's token ids, and its text when the gateway asked for it."""
-        p = req.prompt
-        tok = self.tokenizer
-        if isinstance(p, TokensPrompt):
-            vocab = len(tok)
-            bad = next((t for t in p.token_ids if t < 0 or t >= vocab), None)
-            if bad is not None:
-                raise BadRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", "prompt")
-            text = tok.decode(p.token_ids) if req.return_prompt else None
-            return list(p.token_ids), text
-        if isinstance(p, ChatPrompt):
-            try:
-                text = tok.apply_chat_template(
-                    p.messages,
-                    tokenize=False,
-                    add_generation_prompt=p.add_generation_prompt and not p.continue_final_message,
-                    continue_final_message=p.continue_final_message,
-                    chat_template=self.config.chat_template,
-                    **(p.chat_template_kwargs or {}),
-                )
-            except Exception as e:  # template errors are the request's fault (bad roles, ...)
-                raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
-            ids = await self._tokenize(text, add_special_tokens=False)
-            return ids, text
-        assert isinstance(p, TextPrompt)
-        return await self._tokenize(p.text, p.add_special_tokens), p.text
-
-    async def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        encode_ = self.tokenizer.encode
-        if len(text) <= TOKENIZE_INLINE_MAX_CHARS:
-            return encode_(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(encode_, text, add_special_tokens=add_special_tokens)
 
 
 def supported_engine_args() -> set[str]:

@@ -1,0 +1,97 @@
+"""Results out: vLLM's `RequestOutput` deltas as our `Delta` messages, logprobs
+included (the output side, as vLLM's own `output_processor.py` is)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from engine.inputs import Rendered
+from protocol.messages import Delta, Generate, TokenLogprob
+
+
+class OutputBuilder:
+    """One request's outputs: a `Delta` per choice per step; the prompt (and its
+    logprobs) on the first, when the gateway asked for it. Collects the finish
+    reasons for the engine's metrics."""
+
+    def __init__(self, req: Generate, rendered: Rendered, tokenizer: Any) -> None:
+        self.req = req
+        self.rendered = rendered
+        self.tokenizer = tokenizer
+        self.num_prompt = len(rendered.prompt_ids)
+        self.k = req.params.logprobs or 0
+        self.want_logprobs = req.params.logprobs is not None
+        self.reasons: list[str] = []
+        self._first = True
+
+    def deltas(self, out: Any) -> list[Delta]:
+        rid = self.req.request_id
+        result = []
+        for c in out.outputs:
+            if c.finish_reason is not None:
+                self.reasons.append(c.finish_reason)
+            delta = Delta(
+                request_id=rid,
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                num_prompt_tokens=self.num_prompt,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=sample_logprobs(c.token_ids, c.logprobs, self.k) if self.want_logprobs else None,
+            )
+            if self._first:
+                self._first = False
+                if self.req.return_prompt:
+                    self._add_prompt(delta, out)
+            result.append(delta)
+        return result
+
+    def _add_prompt(self, delta: Delta, out: Any) -> None:
+        ids = self.rendered.prompt_ids
+        delta.prompt_text = self.rendered.prompt_text
+        delta.prompt_token_ids = ids
+        if self.req.params.prompt_logprobs is not None:
+            delta.prompt_logprobs = prompt_logprobs(
+                ids, out.prompt_logprobs, self.req.params.prompt_logprobs, self.tokenizer.decode(ids[:1]))
+
+
+def _entry(token_id: int, lp) -> tuple[str, float, int]:
+    return (lp.decoded_token or "", float(lp.logprob), token_id)
+
+
+def position_logprobs(token_id: int, position: Mapping[int, object] | None, k: int) -> TokenLogprob | None:
+    """One position of vLLM's logprobs ({token_id: Logprob}) as a `TokenLogprob`:
+    the chosen token and the `k` best alternatives by rank."""
+    if not position:
+        return None
+    chosen = position.get(token_id)
+    top = sorted(position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+    top_entries = [_entry(tid, lp) for tid, lp in top[:k]] if k else []
+    if chosen is None:
+        return TokenLogprob(token_id, "", float("-inf"), top_entries)
+    return TokenLogprob(token_id, chosen.decoded_token or "", float(chosen.logprob), top_entries)
+
+
+def sample_logprobs(token_ids: Sequence[int], logprobs: Sequence[Mapping[int, object]] | None, k: int) -> list[TokenLogprob] | None:
+    if logprobs is None:
+        return None
+    out = []
+    for tid, pos in zip(token_ids, logprobs):
+        item = position_logprobs(tid, pos, k)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def prompt_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[Mapping[int, object] | None] | None, k: int, first_token: str
+) -> list[TokenLogprob | None] | None:
+    """The prompt's logprobs; the first token has none, only its text."""
+    if logprobs is None:
+        return None
+    out = [position_logprobs(tid, pos, k) if pos else None for tid, pos in zip(token_ids, logprobs)]
+    if out and out[0] is None:
+        out[0] = TokenLogprob(token_ids[0], first_token, None)
+    return out
