@@ -30,7 +30,6 @@ import msgspec
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from load import pct  # noqa: E402
 from procs import free_port, wait_ready  # noqa: E402
 
@@ -134,7 +133,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="vllm-gateway-bench-")
     endpoint = f"ipc://{run_dir}/synthetic"
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING")
+    env = dict(os.environ, LOG_LEVEL="WARNING")
     engine = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"), "--endpoint", endpoint,
                                "--step-ms", str(a.step_ms), "--tokens-per-step", str(a.tokens_per_step)], env=env)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port),

@@ -29,8 +29,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from load import plot, run_load  # noqa: E402
 from procs import free_port, wait_ready  # noqa: E402
 
@@ -124,7 +122,7 @@ def main() -> None:
 
         model = str(default_model.ensure())
     served = "bench-model"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=a.kv_cache_gib, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=a.kv_cache_gib)
     load_args = dict(model=served, endpoint=a.endpoint, concurrency=a.concurrency, num_requests=a.num_requests,
                      input_len=a.input_len, output_len=a.output_len)
     vllm_cmd = [

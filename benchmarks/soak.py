@@ -38,7 +38,6 @@ import msgspec
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from procs import free_port, wait_ready  # noqa: E402
 from synthetic_engine import expected_text  # noqa: E402
 

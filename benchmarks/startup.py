@@ -57,7 +57,7 @@ def ttft(url: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT, DTYPE=os.environ.get("DTYPE", "float32"))
+    env = dict(os.environ, DTYPE=os.environ.get("DTYPE", "float32"))
     run_dir = tempfile.mkdtemp(prefix="vgw-bench-")
     endpoint = f"ipc://{run_dir}/engine-0"
     port = free_port()

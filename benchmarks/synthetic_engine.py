@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 import uuid
 
 import zmq
 import zmq.asyncio
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from protocol.messages import (  # noqa: E402
+from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
     Delta,

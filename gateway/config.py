@@ -6,8 +6,18 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from engine.args import parse_bool  # stdlib only: no vLLM behind it
 from protocol.endpoints import parse_endpoints
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def parse_bool(value: str) -> bool:
+    """worker-vllm's spelling of booleans (the engine's settings read them alike)."""
+    try:
+        return _BOOLS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"not a boolean: {value!r} (use 0 or 1)") from None
 
 
 def _env(env: Mapping[str, str], name: str, default, parse=str):

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from protocol.metrics import HISTOGRAMS, TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics
 
 if TYPE_CHECKING:
-    from gateway.engine_client import EngineClient
+    from gateway.engines.client import EngineClient
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 

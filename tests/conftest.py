@@ -31,7 +31,6 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
     env.update(DTYPE="float32", ENFORCE_EAGER="1", MAX_MODEL_LEN="2048", VLLM_CPU_KVCACHE_SPACE="1")
     env.update(extra)
     return env

@@ -57,7 +57,7 @@ def test_cpu_defaults():
 
 # ----------------------------------------------------------------- engine groups
 
-from gateway.launcher import plan_engines  # noqa: E402
+from gateway.supervisor.launcher import plan_engines  # noqa: E402
 
 
 def test_one_engine_per_gpu_group():

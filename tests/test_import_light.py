@@ -8,7 +8,7 @@ from conftest import ROOT
 
 def test_gateway_imports_no_heavy_packages():
     code = (
-        "import sys, gateway, gateway.cli, gateway.http_server, gateway.engine_client, gateway.launcher, gateway.runpod_worker, gateway.metrics, gateway.calls, protocol.openai, protocol.runpod, protocol.transport, protocol.metrics, runpod;"
+        "import sys, gateway, gateway.supervisor.cli, gateway.openai.app, gateway.engines.client, gateway.supervisor.launcher, gateway.runpod.worker, gateway.metrics, gateway.openai.calls, gateway.openai.schemas, gateway.runpod.schemas, protocol.transport, protocol.metrics, runpod;"
         "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -3,7 +3,7 @@
 import msgspec
 import pytest
 
-from gateway.errors import from_failure
+from gateway.openai.errors import from_failure
 from protocol.messages import (
     PROTOCOL_VERSION, Abort, ChatPrompt, Delta, EngineStatus, FailureKind, Generate, Hello, Outputs, RequestFailed,
     SamplingParams, TextPrompt, TokenLogprob, TokensPrompt,
@@ -85,7 +85,7 @@ def test_gateway_does_not_route_to_an_engine_of_another_version(tmp_path):
     import zmq
     import zmq.asyncio
 
-    from gateway.engine_client import EngineClient
+    from gateway.engines.client import EngineClient
 
     async def scenario() -> tuple[bool, bool]:
         endpoint = f"ipc://{tmp_path}/old-engine"

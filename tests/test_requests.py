@@ -3,10 +3,10 @@
 import msgspec
 import pytest
 
-from gateway.errors import APIError, from_validation
-from gateway.requests import chat_generate, check_model, completion_generates
+from gateway.openai.errors import APIError, from_validation
+from gateway.openai.validation import chat_generate, check_model, completion_generates
 from protocol.messages import ChatPrompt, TextPrompt, TokensPrompt
-from protocol.openai import decode_chat_request, decode_completion_request
+from gateway.openai.schemas import decode_chat_request, decode_completion_request
 
 
 def chat(**kw):

@@ -10,11 +10,11 @@ import pytest
 from conftest import ROOT, child_env
 from engine.args import SETTINGS
 from gateway.config import RunPodSettings
-from gateway.errors import APIError, from_validation
-from gateway.requests import job_generate
-from gateway.runpod_worker import BatchSizer
+from gateway.openai.errors import APIError, from_validation
+from gateway.runpod.standard import job_generate
+from gateway.runpod.worker import BatchSizer
 from protocol.messages import ChatPrompt, TextPrompt
-from protocol.runpod import job_input_from_dict
+from gateway.runpod.schemas import job_input_from_dict
 
 
 def schedule(sizer: BatchSizer, k: int) -> list[int]:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from gateway.engine_client import RequestStream, StreamFailed
+from gateway.engines.client import RequestStream, StreamFailed
 from protocol.messages import Delta, FailureKind, RequestFailed
 
 

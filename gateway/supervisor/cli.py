@@ -36,7 +36,7 @@ def _http_parser(prog: str) -> argparse.ArgumentParser:
 
 def http_main(argv: list[str]) -> int:
     from gateway.config import GatewaySettings
-    from gateway.http_server import serve
+    from gateway.openai.app import serve
 
     p = _http_parser("vllm-gateway http")
     p.add_argument("--engine-endpoints", default=os.environ.get("ENGINE_ENDPOINTS"),
@@ -51,7 +51,7 @@ def http_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
-    from gateway.launcher import launch
+    from gateway.supervisor.launcher import launch
 
     p = _http_parser("vllm-gateway serve")
     p.add_argument("--num-engines", default=None,
@@ -69,7 +69,7 @@ def engine_main(argv: list[str]) -> int:
 
 
 def runpod_main(argv: list[str]) -> int:
-    from gateway.runpod_worker import main
+    from gateway.runpod.worker import main
 
     return main(argv)
 

@@ -22,14 +22,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import metrics, openapi
-from gateway.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
+from gateway import metrics
+from gateway.openai import openapi
+from gateway.openai.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import GatewaySettings
-from gateway.engine_client import EngineClient
-from gateway.errors import APIError, decode_or_400
-from gateway.responses import SSE_DONE, sse
+from gateway.engines.client import EngineClient
+from gateway.openai.errors import APIError, decode_or_400
+from gateway.openai.formatting import SSE_DONE, sse
 from protocol.messages import EngineStatus
-from protocol.openai import Health, decode_chat_request, decode_completion_request, json_encode
+from gateway.openai.schemas import Health, decode_chat_request, decode_completion_request, json_encode
 
 log = logging.getLogger("gateway.http")
 

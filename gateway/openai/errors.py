@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocol.messages import FailureKind, RequestFailed
-from protocol.openai import ErrorInfo, ErrorResponse, json_encode
+from gateway.openai.schemas import ErrorInfo, ErrorResponse, json_encode
 
 T = TypeVar("T")
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import APIError
+from gateway.openai.errors import APIError
 from protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
-from protocol.openai import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
-from protocol.runpod import JobInput, JobSamplingParams
+from gateway.openai.schemas import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256
@@ -33,7 +32,7 @@ def _stream_options(req: SamplingFields) -> None:
         raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
 
 
-def _sampling(req: Sampling, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def sampling_params(req: Sampling, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     if req.use_beam_search:
         raise APIError(400, "beam search is not supported by the installed vLLM engine", param="use_beam_search")
     if req.best_of is not None and req.best_of != req.n:
@@ -124,7 +123,7 @@ def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=req.chat_template_kwargs,
     )
-    return Generate(request_id, prompt, _sampling(req, max_tokens, logprobs, None))
+    return Generate(request_id, prompt, sampling_params(req, max_tokens, logprobs, None))
 
 
 def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
@@ -156,7 +155,7 @@ def completion_generates(req: CompletionRequest, request_id: str, max_model_len:
         raise APIError(400, "suffix is not supported", param="suffix")
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     prompt_logprobs = req.logprobs if (req.echo and req.logprobs is not None) else None
-    params = _sampling(req, max_tokens, req.logprobs, prompt_logprobs)
+    params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
     prompts = completion_prompts(req.prompt, req.add_special_tokens)
     if max_model_len is not None:
         # Token prompts longer than the context are refused here, before they cross the wire.
@@ -168,22 +167,3 @@ def completion_generates(req: CompletionRequest, request_id: str, max_model_len:
     if len(prompts) == 1:
         return [Generate(request_id, prompts[0], params, return_prompt=req.echo)]
     return [Generate(f"{request_id}-{i}", p, params, return_prompt=req.echo) for i, p in enumerate(prompts)]
-
-
-def job_generate(job: JobInput, request_id: str) -> Generate:
-    """A RunPod standard-mode job: `messages` (chat template applied), or `prompt`
-    (as it is, or as one user message with `apply_chat_template`). With no
-    `max_tokens` the answer may use what the context has left, as chat does."""
-    sp = job.sampling_params or JobSamplingParams()
-    if job.messages is not None:
-        prompt: Prompt = ChatPrompt(chat_messages(job.messages))
-    elif job.prompt is not None:
-        if job.prompt == "":
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if job.apply_chat_template:
-            prompt = ChatPrompt([{"role": "user", "content": job.prompt}])
-        else:
-            prompt = TextPrompt(job.prompt)
-    else:
-        raise APIError(400, "the job input needs `prompt` or `messages` (or `openai_route`)", param="prompt")
-    return Generate(request_id, prompt, _sampling(sp, sp.max_tokens, None, None))

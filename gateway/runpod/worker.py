@@ -28,14 +28,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway import metrics
-from gateway.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
+from gateway.openai.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
 from gateway.config import RunPodSettings
-from gateway.engine_client import EngineClient
-from gateway.errors import APIError, decode_or_400
-from gateway.requests import job_generate
-from gateway.responses import SSE_DONE, JobFormatter, sse
-from protocol.openai import chat_request_from_dict, completion_request_from_dict
-from protocol.runpod import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
+from gateway.engines.client import EngineClient
+from gateway.openai.errors import APIError, decode_or_400
+from gateway.runpod.standard import JobFormatter, job_generate
+from gateway.openai.formatting import SSE_DONE, sse
+from gateway.openai.schemas import chat_request_from_dict, completion_request_from_dict
+from gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
 
 log = logging.getLogger("gateway.runpod")
 
@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
     """`vllm-gateway runpod [runpod SDK flags] [engine flags]`."""
     import runpod
 
-    from gateway.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
+    from gateway.supervisor.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
 
     try:
         settings = RunPodSettings.from_env()

@@ -36,7 +36,7 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
-from protocol.openai import EngineHealth
+from gateway.openai.schemas import EngineHealth
 from protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")

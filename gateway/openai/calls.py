@@ -14,13 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from gateway import requests as oai_requests
-from gateway.engine_client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
-from gateway.errors import APIError, from_failure
+from gateway.openai import validation
+from gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
+from gateway.openai.errors import APIError, from_failure
 from gateway.metrics import TTFT
-from gateway.responses import ChatFormatter, CompletionFormatter
+from gateway.openai.formatting import ChatFormatter, CompletionFormatter
 from protocol.messages import Delta, EngineStatus, Generate
-from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
 @dataclasses.dataclass
@@ -34,16 +34,16 @@ class Call:
 
 
 def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
-    oai_requests.check_model(req.model, model)
-    gen = oai_requests.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
+    validation.check_model(req.model, model)
+    gen = validation.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
     opts = req.stream_options
     fmt = ChatFormatter(gen.request_id, req.n, model, role, continuous_usage=bool(opts and opts.continuous_usage_stats))
     return Call([gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
 
 
 def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | None = None) -> Call:
-    oai_requests.check_model(req.model, model)
-    gens = oai_requests.completion_generates(req, f"cmpl-{uuid.uuid4().hex}", max_model_len)
+    validation.check_model(req.model, model)
+    gens = validation.completion_generates(req, f"cmpl-{uuid.uuid4().hex}", max_model_len)
     opts = req.stream_options
     fmt = CompletionFormatter(
         [g.request_id for g in gens], req.n, model, echo=req.echo,

@@ -3,7 +3,7 @@
 `ChatFormatter` and `CompletionFormatter` keep the per-choice state of one client
 request (token counts, echoed prompts, text offsets) and turn each batch of deltas
 into chunk objects; the same objects are sent as SSE by the HTTP server and as job
-output by the RunPod handler (`JobFormatter` makes RunPod's standard-mode output). One chunk per choice per batch: a consumer that falls
+output by the RunPod handler. One chunk per choice per batch: a consumer that falls
 behind gets the tokens it missed merged, not one event per token.
 """
 
@@ -13,7 +13,7 @@ import time
 import uuid
 
 from protocol.messages import Delta, TokenLogprob
-from protocol.openai import (
+from gateway.openai.schemas import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -29,7 +29,6 @@ from protocol.openai import (
     Usage,
     json_encode,
 )
-from protocol.runpod import JobChoice, JobOutput, JobUsage
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -75,7 +74,7 @@ def _joined(group: list[Delta]) -> Delta:
     )
 
 
-class _Book:
+class Book:
     """Accounting shared by both formatters."""
 
     def __init__(self, request_ids: list[str], n: int, model: str, prefix: str) -> None:
@@ -127,7 +126,7 @@ def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
 
 class ChatFormatter:
     def __init__(self, request_id: str, n: int, model: str, role: str, *, continuous_usage: bool = False) -> None:
-        self.book = _Book([request_id], n, model, "chatcmpl")
+        self.book = Book([request_id], n, model, "chatcmpl")
         self.role = role
         self.continuous_usage = continuous_usage
         # Non-streaming accumulation.
@@ -179,7 +178,7 @@ class ChatFormatter:
 
 class CompletionFormatter:
     def __init__(self, request_ids: list[str], n: int, model: str, *, echo: bool, continuous_usage: bool = False) -> None:
-        self.book = _Book(request_ids, n, model, "cmpl")
+        self.book = Book(request_ids, n, model, "cmpl")
         self.echo = echo
         self.continuous_usage = continuous_usage
         self.prompt_text: dict[str, str] = {}
@@ -259,38 +258,3 @@ class CompletionFormatter:
             for i in range(b.total_choices)
         ]
         return Completion(b.id, b.created, b.model, choices, usage=b.usage())
-
-
-class JobFormatter:
-    """RunPod standard-mode output: `{"choices": [{"tokens": [...]}, ...],
-    "usage": {"input": N, "output": M}}`, one text piece per engine step and choice."""
-
-    def __init__(self, request_id: str, n: int) -> None:
-        self.book = _Book([request_id], n, "", "job")
-        self.texts = [""] * n
-
-    def chunks(self, deltas: list[Delta]) -> list[tuple[int, str, int]]:
-        """(choice, text, token count) of each delta, in order; not merged, so
-        that stream batches can be cut at exact token counts."""
-        out = []
-        for d in deltas:
-            idx, _ = self.book.account(d)
-            if d.text or d.token_ids:
-                out.append((idx, d.text, len(d.token_ids)))
-        return out
-
-    def add(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            idx, _ = self.book.account(d)
-            self.texts[idx] += d.text
-
-    def empty(self) -> list[list[str]]:
-        return [[] for _ in range(self.book.n)]
-
-    def output(self, pieces: list[list[str]], output_tokens: int) -> JobOutput:
-        """One stream batch; `output_tokens` counts every token sent so far."""
-        return JobOutput([JobChoice(p) for p in pieces], JobUsage(self.book.usage().prompt_tokens, output_tokens))
-
-    def response(self) -> JobOutput:
-        usage = self.book.usage()
-        return JobOutput([JobChoice([t]) for t in self.texts], JobUsage(usage.prompt_tokens, usage.completion_tokens))

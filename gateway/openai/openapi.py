@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.openai import (
+from gateway.openai.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,

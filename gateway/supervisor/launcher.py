@@ -11,6 +11,7 @@ drains, then everything stops.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import dataclasses
 import logging
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import zmq
 
@@ -32,7 +34,7 @@ from gateway.config import GatewaySettings
 from protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
 from protocol.transport import secure_client
 
-log = logging.getLogger("gateway.launcher")
+log = logging.getLogger("gateway.supervisor.launcher")
 
 POLL_S = 0.5
 STOP_TIMEOUT_S = 30
@@ -58,11 +60,9 @@ def _die_with_parent() -> None:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The children must find this project's packages however it was installed.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    """Children run with our environment and interpreter: they find this project
+    where we did (it is installed; nothing is put on PYTHONPATH)."""
+    return dict(os.environ)
 
 
 def spawn(args: list[str], env: dict[str, str], cpus: set[int] | None = None,
@@ -129,19 +129,37 @@ def visible_gpus(env: Mapping[str, str]) -> list[str]:
     return [str(i) for i, _ in enumerate(line for line in out.stdout.splitlines() if line.startswith("GPU "))]
 
 
+def placement_settings(env: Mapping[str, str], engine_argv: list[str]) -> dict[str, Any]:
+    """The few engine settings that decide placement, as the engine will read them
+    (its flag over its variable). The engine checks all of its settings itself when
+    it starts; the supervisor forwards them untouched and does not import it."""
+    p = argparse.ArgumentParser(add_help=False)
+    for name in ("TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE", "DISTRIBUTED_EXECUTOR_BACKEND"):
+        p.add_argument("--" + name.lower().replace("_", "-"), dest=name, default=None)
+    ns, _ = p.parse_known_args(engine_argv)
+    out: dict[str, Any] = {}
+    for name, value in vars(ns).items():
+        raw = value if value is not None else env.get(name) or None
+        if name == "DISTRIBUTED_EXECUTOR_BACKEND":
+            out[name] = raw
+            continue
+        try:
+            out[name] = int(raw) if raw is not None else 1
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: not a whole number") from None
+        if out[name] < 1:
+            raise ValueError(f"{name}={raw!r}: must be >= 1")
+    return out
+
+
 def plan_engines(env: Mapping[str, str], engine_argv: list[str], run_dir: str,
                  gpus: list[str] | None = None, cpus: list[int] | None = None) -> list[EngineSlot]:
     """One engine per group of TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE GPUs
     (NUM_ENGINES, or as many groups as there are GPUs). On CPU, NUM_ENGINES
     engines (default 1), each on its own share of the cores. With Ray the engine
     spans nodes: one engine, devices left to Ray."""
-    from engine.main import build_parser  # argument parsing only: no torch, no vLLM
-
-    from engine import args as engine_args
-
-    ns, _ = build_parser().parse_known_args(engine_argv)
-    settings = engine_args.collect(env, vars(ns))
-    group = settings.get("TENSOR_PARALLEL_SIZE", 1) * settings.get("PIPELINE_PARALLEL_SIZE", 1)
+    settings = placement_settings(env, engine_argv)
+    group = settings["TENSOR_PARALLEL_SIZE"] * settings["PIPELINE_PARALLEL_SIZE"]
     requested = env.get("NUM_ENGINES")
     if requested is not None and (not requested.isdigit() or int(requested) < 1):
         raise ValueError(f"NUM_ENGINES={requested!r}: a whole number >= 1")

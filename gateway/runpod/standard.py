@@ -1,0 +1,65 @@
+"""RunPod's standard mode: a job's `prompt` or `messages` with vLLM-named
+`sampling_params` as one engine request, and its output in worker-vllm's shape
+(`{"choices": [{"tokens": [...]}], "usage": {"input": N, "output": M}}`)."""
+
+from __future__ import annotations
+
+from gateway.openai.errors import APIError
+from gateway.openai.formatting import Book
+from gateway.openai.validation import chat_messages, sampling_params
+from gateway.runpod.schemas import JobChoice, JobInput, JobOutput, JobSamplingParams, JobUsage
+from protocol.messages import ChatPrompt, Delta, Generate, Prompt, TextPrompt
+
+
+def job_generate(job: JobInput, request_id: str) -> Generate:
+    """A RunPod standard-mode job: `messages` (chat template applied), or `prompt`
+    (as it is, or as one user message with `apply_chat_template`). With no
+    `max_tokens` the answer may use what the context has left, as chat does."""
+    sp = job.sampling_params or JobSamplingParams()
+    if job.messages is not None:
+        prompt: Prompt = ChatPrompt(chat_messages(job.messages))
+    elif job.prompt is not None:
+        if job.prompt == "":
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if job.apply_chat_template:
+            prompt = ChatPrompt([{"role": "user", "content": job.prompt}])
+        else:
+            prompt = TextPrompt(job.prompt)
+    else:
+        raise APIError(400, "the job input needs `prompt` or `messages` (or `openai_route`)", param="prompt")
+    return Generate(request_id, prompt, sampling_params(sp, sp.max_tokens, None, None))
+
+
+class JobFormatter:
+    """RunPod standard-mode output: `{"choices": [{"tokens": [...]}, ...],
+    "usage": {"input": N, "output": M}}`, one text piece per engine step and choice."""
+
+    def __init__(self, request_id: str, n: int) -> None:
+        self.book = Book([request_id], n, "", "job")
+        self.texts = [""] * n
+
+    def chunks(self, deltas: list[Delta]) -> list[tuple[int, str, int]]:
+        """(choice, text, token count) of each delta, in order; not merged, so
+        that stream batches can be cut at exact token counts."""
+        out = []
+        for d in deltas:
+            idx, _ = self.book.account(d)
+            if d.text or d.token_ids:
+                out.append((idx, d.text, len(d.token_ids)))
+        return out
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            idx, _ = self.book.account(d)
+            self.texts[idx] += d.text
+
+    def empty(self) -> list[list[str]]:
+        return [[] for _ in range(self.book.n)]
+
+    def output(self, pieces: list[list[str]], output_tokens: int) -> JobOutput:
+        """One stream batch; `output_tokens` counts every token sent so far."""
+        return JobOutput([JobChoice(p) for p in pieces], JobUsage(self.book.usage().prompt_tokens, output_tokens))
+
+    def response(self) -> JobOutput:
+        usage = self.book.usage()
+        return JobOutput([JobChoice([t]) for t in self.texts], JobUsage(usage.prompt_tokens, usage.completion_tokens))
