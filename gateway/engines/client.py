@@ -33,6 +33,7 @@ from protocol.messages import (
     Hello,
     Outputs,
     RequestFailed,
+    TokenLogprob,
     decode_engine_message,
     encode,
 )
@@ -44,25 +45,76 @@ log = logging.getLogger("gateway.engines")
 HEARTBEAT_S = 0.5
 
 
+def merge(deltas: list[Delta]) -> list[Delta]:
+    """One delta per (request, choice), in order of first appearance."""
+    if len(deltas) < 2:
+        return deltas
+    groups: dict[tuple[str, int], list[Delta]] = {}
+    for d in deltas:
+        key = (d.request_id, d.index)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [d]
+        else:
+            group.append(d)
+    if len(groups) == len(deltas):
+        return deltas
+    return [g[0] if len(g) == 1 else _joined(g) for g in groups.values()]
+
+
+def _joined(group: list[Delta]) -> Delta:
+    """Consecutive deltas of one choice as one (texts and tokens joined once)."""
+    first, last = group[0], group[-1]
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+    for d in group:
+        token_ids += d.token_ids
+        if d.logprobs is not None:
+            logprobs = (logprobs or []) + d.logprobs
+    return Delta(
+        first.request_id, first.index, "".join([d.text for d in group]), token_ids,
+        last.num_prompt_tokens, last.finish_reason, last.stop_reason, logprobs,
+        first.prompt_text, first.prompt_token_ids, first.prompt_logprobs,
+    )
+
+
 class RequestStream:
-    """What one client request receives from its engine request(s).
+    """What one client request receives from its engine request(s), and the one
+    owner of whether it is finished (every choice of every engine request ended).
 
-    `next()` returns every delta that arrived since the last call (so a slow
-    consumer catches up in one go), or raises the request's failure: the engine's
-    (`StreamFailed`), or whatever `interrupt()` was given (a timeout, a client gone)."""
+    Read with `async for batch in stream` (or `await stream.next()`, None at the
+    end): each batch is what arrived since the last, so a lagging reader catches up
+    in one go, merged to one delta per choice unless the stream keeps `exact`
+    batches (RunPod's standard mode cuts batches at token counts). A failure is
+    raised after the output that came before it: the engine's (`StreamFailed`), or
+    whatever `interrupt()` was given (a timeout, a client gone), at once."""
 
-    __slots__ = ("request_ids", "engine", "_items", "_waiter", "error")
+    __slots__ = ("request_ids", "engine", "exact", "_unfinished", "_items", "_waiter", "error")
 
-    def __init__(self, request_ids: list[str], engine: "EngineConnection") -> None:
+    def __init__(self, request_ids: list[str], n: int, engine: "EngineConnection | None", exact: bool = False) -> None:
         self.request_ids = request_ids
         self.engine = engine
+        self.exact = exact
+        self._unfinished = len(request_ids) * n  # choices not yet ended
         self._items: list[Delta] = []
         self._waiter: asyncio.Future | None = None
         self.error: Exception | None = None
 
+    @property
+    def finished(self) -> bool:
+        """Every choice has ended (its last output may still be unread)."""
+        return self._unfinished <= 0
+
+    @property
+    def pending(self) -> bool:
+        """Output has arrived that was not read yet."""
+        return bool(self._items)
+
     def push(self, delta: Delta) -> None:
         if self.error is None:
             self._items.append(delta)
+            if delta.finish_reason is not None:
+                self._unfinished -= 1
             self._wake()
 
     def fail(self, failure: RequestFailed) -> None:
@@ -85,15 +137,27 @@ class RequestStream:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def next(self) -> list[Delta]:
+    async def next(self) -> list[Delta] | None:
+        """The next batch; None once finished and read to the end."""
         while not self._items:
             if self.error is not None:
                 raise self.error
+            if self._unfinished <= 0:
+                return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
         items, self._items = self._items, []
-        return items
+        return items if self.exact else merge(items)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> list[Delta]:
+        batch = await self.next()
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
 
 
 class StreamFailed(Exception):
@@ -210,8 +274,9 @@ class EngineClient:
 
     # ------------------------------------------------------------------- requests
 
-    def submit(self, requests: list[Generate]) -> RequestStream:
-        """Send these requests (the prompts of one client request) to one engine."""
+    def submit(self, requests: list[Generate], exact: bool = False) -> RequestStream:
+        """Send these requests (the prompts of one client request) to one engine;
+        `exact`: the stream keeps the engine's batches as they are (see RequestStream)."""
         engine = self._pick()
         if engine is None:
             raise NoEngine()
@@ -219,7 +284,7 @@ class EngineClient:
             frames = [encode(r) for r in requests]
         except (OverflowError, TypeError, ValueError) as e:
             raise Unencodable(str(e)) from None
-        stream = RequestStream([r.request_id for r in requests], engine)
+        stream = RequestStream([r.request_id for r in requests], requests[0].params.n, engine, exact)
         for r, frame in zip(requests, frames):
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)

@@ -18,7 +18,7 @@ from gateway.openai import validation
 from gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
 from gateway.openai.errors import APIError, from_failure
 from gateway.metrics import TTFT
-from gateway.openai.formatting import ChatFormatter, CompletionFormatter
+from gateway.openai.formatting import ChatFormatter, CompletionFormatter, Formatter
 from protocol.messages import Delta, EngineStatus, Generate
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -26,11 +26,12 @@ from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, Mod
 @dataclasses.dataclass
 class Call:
     gens: list[Generate]
-    fmt: ChatFormatter | CompletionFormatter
+    fmt: Formatter
     prompt_param: str  # the request field an engine-side prompt error is about
     stream: bool
-    include_usage: bool
+    usage: Callable[[], object] | None = None  # the last chunk of a stream, when asked for
     opening: Callable[[], object] | None = None  # the first chunk of a stream, if any
+    exact: bool = False  # engine batches kept as they are, not merged per choice (RunPod's standard mode)
 
 
 def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
@@ -38,7 +39,8 @@ def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
     gen = validation.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
     opts = req.stream_options
     fmt = ChatFormatter(gen.request_id, req.n, model, role, continuous_usage=bool(opts and opts.continuous_usage_stats))
-    return Call([gen], fmt, "messages", req.stream, bool(opts and opts.include_usage), fmt.role_chunk)
+    return Call([gen], fmt, "messages", req.stream, fmt.usage_chunk if opts and opts.include_usage else None,
+                fmt.role_chunk)
 
 
 def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | None = None) -> Call:
@@ -49,7 +51,7 @@ def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | 
         [g.request_id for g in gens], req.n, model, echo=req.echo,
         continuous_usage=bool(opts and opts.continuous_usage_stats),
     )
-    return Call(gens, fmt, "prompt", req.stream, bool(opts and opts.include_usage))
+    return Call(gens, fmt, "prompt", req.stream, fmt.usage_chunk if opts and opts.include_usage else None)
 
 
 def no_engine() -> APIError:
@@ -71,7 +73,7 @@ def model_list(client: EngineClient) -> ModelList:
 
 def submit(client: EngineClient, call: Call) -> RequestStream:
     try:
-        return client.submit(call.gens)
+        return client.submit(call.gens, call.exact)
     except NoEngine:
         raise no_engine() from None
     except Unencodable as e:
@@ -101,7 +103,7 @@ class CallRun:
         # One timer for the whole request, not a timeout around every engine step.
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire) if timeout_s > 0 else None
         self._first: list[Delta] | None = None  # the engine's first output, until streamed
-        self._usage_due = call.include_usage
+        self._usage_due = call.usage is not None
         self._closed = False
 
     def close(self) -> None:
@@ -109,7 +111,7 @@ class CallRun:
             self._closed = True
             if self._timer is not None:
                 self._timer.cancel()
-            self.client.release(self.rs, abort=not self.call.fmt.book.done)
+            self.client.release(self.rs, abort=not self.rs.finished)
 
     def _expire(self) -> None:
         self.rs.interrupt(APIError(
@@ -120,7 +122,7 @@ class CallRun:
         """The client disconnected: the stream ends with `ClientGone`."""
         self.rs.interrupt(ClientGone())
 
-    async def _next(self) -> list[Delta]:
+    async def _next(self) -> list[Delta] | None:
         try:
             return await self.rs.next()
         except StreamFailed as e:
@@ -128,7 +130,7 @@ class CallRun:
 
     async def start(self) -> None:
         try:
-            self._first = await self._next()
+            self._first = await self._next() or []
             TTFT.observe(time.monotonic() - self.submitted)
         except BaseException:
             self.close()
@@ -139,8 +141,8 @@ class CallRun:
         fmt = self.call.fmt
         try:
             fmt.add(self._first or [])
-            while not fmt.book.done:
-                fmt.add(await self._next())
+            while (batch := await self._next()) is not None:
+                fmt.add(batch)
         finally:
             self.close()
         return fmt.response()
@@ -155,15 +157,17 @@ class CallRun:
             self._first = None
             opening = [self.call.opening()] if self.call.opening is not None else []
             return opening + fmt.chunks(first)
-        if not fmt.book.done:
+        if not self.rs.finished or self.rs.pending:
             if self.stream_interval_s:
                 # Stream batching: at most one write per interval; what the
                 # engine produced meanwhile goes out merged, one chunk per choice.
                 await asyncio.sleep(self.stream_interval_s)
-            return fmt.chunks(await self._next())
-        if self._usage_due:
+            batch = await self._next()
+            if batch is not None:
+                return fmt.chunks(batch)
+        if self._usage_due and self.call.usage is not None:
             self._usage_due = False
-            return [fmt.usage_chunk()]
+            return [self.call.usage()]
         return None
 
     async def batches(self) -> AsyncIterator[list[object]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any, Protocol
 
 from protocol.messages import Delta, TokenLogprob
 from gateway.openai.schemas import (
@@ -41,41 +42,24 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def merge(deltas: list[Delta]) -> list[Delta]:
-    """One delta per (request, choice), in order of first appearance."""
-    if len(deltas) < 2:
-        return deltas
-    groups: dict[tuple[str, int], list[Delta]] = {}
-    for d in deltas:
-        key = (d.request_id, d.index)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [d]
-        else:
-            group.append(d)
-    if len(groups) == len(deltas):
-        return deltas
-    return [g[0] if len(g) == 1 else _joined(g) for g in groups.values()]
+class Formatter(Protocol):
+    """What a call needs of a formatter: engine deltas in, the intake's objects
+    out. Formatters only format: whether the request is finished is its stream's."""
 
+    book: "Book"
 
-def _joined(group: list[Delta]) -> Delta:
-    """Consecutive deltas of one choice as one (texts and tokens joined once)."""
-    first, last = group[0], group[-1]
-    token_ids: list[int] = []
-    logprobs: list[TokenLogprob] | None = None
-    for d in group:
-        token_ids += d.token_ids
-        if d.logprobs is not None:
-            logprobs = (logprobs or []) + d.logprobs
-    return Delta(
-        first.request_id, first.index, "".join([d.text for d in group]), token_ids,
-        last.num_prompt_tokens, last.finish_reason, last.stop_reason, logprobs,
-        first.prompt_text, first.prompt_token_ids, first.prompt_logprobs,
-    )
+    def chunks(self, deltas: list[Delta]) -> list[Any]:
+        """The stream objects for one batch of deltas."""
+
+    def add(self, deltas: list[Delta]) -> None:
+        """Accumulate a batch for the whole (non-streaming) answer."""
+
+    def response(self) -> Any:
+        """The whole answer, once every delta was added."""
 
 
 class Book:
-    """Accounting shared by both formatters."""
+    """Accounting shared by the formatters: ids, choice indexes, token counts."""
 
     def __init__(self, request_ids: list[str], n: int, model: str, prefix: str) -> None:
         self.id = new_id(prefix)
@@ -86,7 +70,6 @@ class Book:
         self.total_choices = n * len(request_ids)
         self.prompt_tokens: dict[str, int] = {}
         self.completion_tokens = 0
-        self.finished = 0
         self.seen: set[int] = set()
 
     def account(self, d: Delta) -> tuple[int, bool]:
@@ -94,16 +77,10 @@ class Book:
         idx = self.base[d.request_id] + d.index
         self.prompt_tokens[d.request_id] = d.num_prompt_tokens
         self.completion_tokens += len(d.token_ids)
-        if d.finish_reason is not None:
-            self.finished += 1
         first = idx not in self.seen
         if first:
             self.seen.add(idx)
         return idx, first
-
-    @property
-    def done(self) -> bool:
-        return self.finished >= self.total_choices
 
     def usage(self) -> Usage:
         p = sum(self.prompt_tokens.values())
@@ -117,7 +94,7 @@ def _utf8(token: str) -> list[int]:
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs([
         ChatTokenLogprob(
-            lp.token, lp.logprob, _utf8(lp.token),
+            lp.token, max(lp.logprob, -9999.0), _utf8(lp.token),  # as vLLM clamps (JSON has no -inf)
             [TopLogprob(t, max(v, -9999.0), _utf8(t)) for t, v, _ in lp.top],
         )
         for lp in items
@@ -144,7 +121,7 @@ class ChatFormatter:
 
     def chunks(self, deltas: list[Delta]) -> list[ChatCompletionChunk]:
         out = []
-        for d in merge(deltas):
+        for d in deltas:
             idx, _ = self.book.account(d)
             lp = chat_logprobs(d.logprobs) if d.logprobs is not None else None
             choice = ChatChunkChoice(idx, ChatDelta(content=d.text), lp, d.finish_reason, d.stop_reason)
@@ -225,7 +202,7 @@ class CompletionFormatter:
     def chunks(self, deltas: list[Delta]) -> list[Completion]:
         b = self.book
         out = []
-        for d in merge(deltas):
+        for d in deltas:
             idx, text, lp = self._piece(d)
             choice = CompletionChoice(idx, text, lp, d.finish_reason, d.stop_reason)
             out.append(Completion(b.id, b.created, b.model, [choice], usage=b.usage() if self.continuous_usage else None))

@@ -171,7 +171,7 @@ class JobHandler:
     async def _standard(self, job: JobInput) -> AsyncIterator[Any]:
         gen = job_generate(job, f"job-{uuid.uuid4().hex}")
         fmt = JobFormatter(gen.request_id, gen.params.n)
-        run = await self._run(await self._engines(), Call([gen], fmt, "prompt", job.stream, False))
+        run = await self._run(await self._engines(), Call([gen], fmt, "prompt", job.stream, exact=True))
         if not job.stream:
             yield to_builtins(await run.collect())
             return
