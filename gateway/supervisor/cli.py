@@ -57,9 +57,7 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--num-engines", default=None,
                    help="engines to start (NUM_ENGINES; default one per GPU group, 1 on CPU)")
     ns, engine_argv = p.parse_known_args(argv)
-    if ns.num_engines is not None:
-        os.environ["NUM_ENGINES"] = ns.num_engines
-    return launch(ns.host, ns.port, engine_argv)
+    return launch(ns.host, ns.port, engine_argv, ns.num_engines)
 
 
 def engine_main(argv: list[str]) -> int:

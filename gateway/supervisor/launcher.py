@@ -329,7 +329,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def launch(host: str, port: int, engine_argv: list[str]) -> int:
+def launch(host: str, port: int, engine_argv: list[str], num_engines: str | None = None) -> int:
+    """`vllm-gateway serve`; `num_engines` (--num-engines) wins over NUM_ENGINES."""
     started = time.monotonic()
     stopping = False
 
@@ -342,7 +343,8 @@ def launch(host: str, port: int, engine_argv: list[str]) -> int:
 
     try:
         settings = GatewaySettings.from_env()
-        engines = EngineProcesses(engine_argv)
+        env = dict(os.environ, NUM_ENGINES=num_engines) if num_engines is not None else os.environ
+        engines = EngineProcesses(engine_argv, env)
     except ValueError as e:
         log.error("bad setting: %s", e)
         return 2
