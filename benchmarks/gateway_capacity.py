@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 from load import pct  # noqa: E402
-from procs import free_port, wait_ready  # noqa: E402
+from procs import free_port, report, sse_payloads, stop, wait_ready  # noqa: E402
 
 
 class Counters:
@@ -58,10 +56,8 @@ async def stream_forever(session, url: str, body: bytes, c: Counters, stop_at: f
                     continue
                 buf = b""
                 async for data in r.content.iter_any():
-                    buf += data
-                    *events, buf = buf.split(b"\n\n")
-                    for ev in events:
-                        payload = ev[6:]
+                    payloads, buf = sse_payloads(buf + data)
+                    for payload in payloads:
                         if payload == b"[DONE]":
                             continue
                         obj = decode(payload)
@@ -144,16 +140,8 @@ def main() -> None:
         result.update(step_ms=a.step_ms, tokens_per_step=a.tokens_per_step,
                       offered_tokens_per_s=round(a.streams * a.tokens_per_step / (a.step_ms / 1000)))
     finally:
-        for proc in (gateway, engine):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (gateway, engine):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+        stop([gateway, engine], timeout=10)
+    report(result, a.out)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ import msgspec
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-from procs import free_port, wait_ready  # noqa: E402
+from procs import free_port, report, sse_payloads, stop, wait_ready  # noqa: E402
 from synthetic_engine import expected_text  # noqa: E402
 
 
@@ -69,10 +67,8 @@ async def one_answer(session, url: str, body: bytes, max_tokens: int, real: bool
             return
         buf = b""
         async for data in r.content.iter_any():
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for ev in events:
-                payload = ev[6:]
+            payloads, buf = sse_payloads(buf + data)
+            for payload in payloads:
                 if payload == b"[DONE]":
                     done = True
                     continue
@@ -186,15 +182,8 @@ def main() -> None:
             gateway = next(c for c in psutil.Process(procs[0].pid).children() if "http" in c.cmdline())
         result = asyncio.run(soak(port, a, gateway))
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+        stop(list(reversed(procs)))
+    report(result, a.out)
 
 
 if __name__ == "__main__":
