@@ -70,6 +70,7 @@ class RunPodSettings:
     """The RunPod worker's settings (names and defaults of RunPod's worker-vllm)."""
 
     engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
+    own_engines: bool = True  # no ENGINE_ENDPOINTS: the worker starts its engines
     max_concurrency: int = 300
     # OpenAI streaming: whole SSE event strings (1) or lists of chunk objects (0).
     raw_openai_output: bool = True
@@ -92,6 +93,7 @@ class RunPodSettings:
 
         s = cls(
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
+            own_engines=not env.get("ENGINE_ENDPOINTS"),
             max_concurrency=get("MAX_CONCURRENCY", cls.max_concurrency, int),
             raw_openai_output=get("RAW_OPENAI_OUTPUT", cls.raw_openai_output, parse_bool),
             max_batch_size=get("DEFAULT_BATCH_SIZE", cls.max_batch_size, int),

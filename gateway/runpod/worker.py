@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -222,7 +221,7 @@ def main(argv: list[str]) -> int:
     # everything else is for the engines.
     _, engine_argv = runpod.serverless.parser.parse_known_args(argv)
     engines = None
-    if not os.environ.get("ENGINE_ENDPOINTS"):  # unset: start our own engines
+    if settings.own_engines:
         try:
             engines = EngineProcesses(engine_argv)
         except ValueError as e:

@@ -27,10 +27,10 @@ def _setup_logging() -> None:
 
 
 def _http_parser(prog: str) -> argparse.ArgumentParser:
+    """Flags over the settings' environment variables (gateway/config.py reads those)."""
     p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
-                   help="address to listen on (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    p.add_argument("--host", default=None, help="address to listen on (HOST; default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=None, help="PORT; default 8000")
     return p
 
 
@@ -39,12 +39,17 @@ def http_main(argv: list[str]) -> int:
     from gateway.openai.app import serve
 
     p = _http_parser("vllm-gateway http")
-    p.add_argument("--engine-endpoints", default=os.environ.get("ENGINE_ENDPOINTS"),
-                   help="comma-separated ZeroMQ endpoints of the engines")
+    p.add_argument("--engine-endpoints", default=None,
+                   help="comma-separated ZeroMQ endpoints of the engines (ENGINE_ENDPOINTS)")
     ns = p.parse_args(argv)
+    try:
+        settings = GatewaySettings.from_env()
+    except ValueError as e:
+        logging.getLogger("gateway").error("bad setting: %s", e)
+        return 2
     settings = dataclasses.replace(
-        GatewaySettings.from_env(), host=ns.host, port=ns.port,
-        engine_endpoints=parse_endpoints(ns.engine_endpoints),
+        settings, host=ns.host or settings.host, port=ns.port or settings.port,
+        engine_endpoints=parse_endpoints(ns.engine_endpoints) if ns.engine_endpoints else settings.engine_endpoints,
     )
     serve(settings)
     return 0

@@ -329,8 +329,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def launch(host: str, port: int, engine_argv: list[str], num_engines: str | None = None) -> int:
-    """`vllm-gateway serve`; `num_engines` (--num-engines) wins over NUM_ENGINES."""
+def launch(host: str | None, port: int | None, engine_argv: list[str], num_engines: str | None = None) -> int:
+    """`vllm-gateway serve`; the flags given (host, port, --num-engines) win over
+    their environment variables."""
     started = time.monotonic()
     stopping = False
 
@@ -343,6 +344,7 @@ def launch(host: str, port: int, engine_argv: list[str], num_engines: str | None
 
     try:
         settings = GatewaySettings.from_env()
+        host, port = host or settings.host, port or settings.port
         env = dict(os.environ, NUM_ENGINES=num_engines) if num_engines is not None else os.environ
         engines = EngineProcesses(engine_argv, env)
     except ValueError as e:
