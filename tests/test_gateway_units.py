@@ -133,11 +133,12 @@ def test_a_restarted_engine_fails_what_it_had_in_flight(tmp_path):
 class FakeEngines(launcher.EngineProcesses):
     """EngineProcesses whose 'engines' are short Python processes that exit at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, exit_code: int = 3) -> None:
+        self.exit_code = exit_code
         super().__init__([], env={"NUM_ENGINES": "1"})
 
     def _spawn(self, slot):
-        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({self.exit_code})"])
 
 
 def test_restart_backoff_doubles_up_to_the_cap_and_resets_after_a_long_run(monkeypatch):
@@ -163,12 +164,15 @@ def test_restart_backoff_doubles_up_to_the_cap_and_resets_after_a_long_run(monke
         engines.stop()
 
 
-def test_an_engine_that_dies_before_it_was_ever_ready_is_a_start_failure():
-    engines = FakeEngines()
+@pytest.mark.parametrize("engine_code,command_code", [(3, 1), (2, 2)])
+def test_an_engine_that_dies_before_it_was_ever_ready_is_a_start_failure(engine_code, command_code):
+    """An engine that refused its settings (exit 2) makes `serve` / `runpod` exit 2 too."""
+    engines = FakeEngines(engine_code)
     try:
         engines.procs[0].wait()
-        with pytest.raises(launcher.EngineStartFailed):
+        with pytest.raises(launcher.EngineStartFailed) as failed:
             engines.poll()
+        assert failed.value.exit_code == command_code
     finally:
         engines.stop()
 

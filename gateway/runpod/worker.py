@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
                 log.info("stopped before the engines were ready")
                 return 0
             log.error("the worker cannot start: %s", e)
-            return 1
+            return e.exit_code
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.info("engines ready (model %s); starting the RunPod worker, concurrency %d",

@@ -47,7 +47,12 @@ RESTART_BACKOFF_RESET_S = 120.0
 
 
 class EngineStartFailed(RuntimeError):
-    pass
+    """The engines did not come up. `exit_code` is what the command should exit
+    with: 2 when an engine refused its settings (as it does itself with 2), else 1."""
+
+    def __init__(self, message: str, engine_exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = 2 if engine_exit_code == 2 else 1
 
 
 def _die_with_parent() -> None:
@@ -233,7 +238,8 @@ class EngineProcesses:
             now = time.monotonic()
             for i, code in self.exited():
                 if not self.ever_ready[i]:
-                    raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
+                    raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)",
+                                            code)
                 at = self.restart_at[i]
                 if at is None:
                     kill_group(self.procs[i])
@@ -291,7 +297,8 @@ def wait_engines_ready(endpoints: list[str], engines: EngineProcesses | None, ti
         while len(ready) < len(socks):
             if engines is not None and (dead := engines.exited()):
                 i, code = dead[0]
-                raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)")
+                raise EngineStartFailed(f"engine {i} exited with code {code} before it was ready (see its log above)",
+                                        code)
             if should_stop():
                 raise EngineStartFailed("stopped while waiting for the engines")
             if time.monotonic() > deadline:
@@ -372,7 +379,7 @@ def launch(host: str | None, port: int | None, engine_argv: list[str], num_engin
     except EngineStartFailed as e:
         if not stopping:
             log.error("%s; stopping", e)
-            code = 1
+            code = e.exit_code
     finally:
         log.info("stopping")
         # The gateway drains first (new requests get 503, running ones finish), then the engines stop.
