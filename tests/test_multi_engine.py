@@ -113,9 +113,13 @@ def test_kill_one_engine_mid_stream(two_engines):
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
 
-    # the victim's streams end with an error event and [DONE] within a second
+    # The victim's streams end with an error event and [DONE] as soon as the kernel
+    # has torn the killed process down. Here two busy CPU engines share two cores,
+    # and that teardown shares the victim's core with its vLLM processes (the reaper
+    # kills them only once the engine is gone): up to 1.3 s was seen. The one-second
+    # bound is tests/test_engine_death.py's, on a machine not saturated.
     wait_until(lambda: sum(s.failed for s in streams) >= victim["in_flight"], 15, "the victim's streams to fail", proc)
-    assert all(s.error_at - killed_at < 1.0 for s in streams if s.failed), [s.error_at - killed_at for s in streams if s.failed]
+    assert all(s.error_at - killed_at < 3.0 for s in streams if s.failed), [s.error_at - killed_at for s in streams if s.failed]
     for s in streams:
         if s.failed:
             err = next(e for e in s.events if isinstance(e, dict) and "error" in e)["error"]
