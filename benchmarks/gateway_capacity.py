@@ -132,7 +132,7 @@ def main() -> None:
     env = dict(os.environ, LOG_LEVEL="WARNING")
     engine = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"), "--endpoint", endpoint,
                                "--step-ms", str(a.step_ms), "--tokens-per-step", str(a.tokens_per_step)], env=env)
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port),
+    gateway = subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "http", "--port", str(port),
                                 "--engine-endpoints", endpoint], env=env, cwd=ROOT)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", gateway, 60)

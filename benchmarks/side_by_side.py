@@ -55,7 +55,7 @@ def ours_role(p: psutil.Process) -> str:
     cmd = " ".join(p.cmdline())
     if "gateway http" in cmd:
         return "front_end_gateway"
-    if "-m engine" in cmd:
+    if "-m vllm_gateway.engine" in cmd:
         return "front_end_engine_adapter"
     if "gateway serve" in cmd:
         return "launcher"
@@ -118,7 +118,7 @@ def main() -> None:
 
     model = a.model
     if model is None:
-        from engine import default_model
+        from vllm_gateway.engine import default_model
 
         model = str(default_model.ensure())
     served = "bench-model"
@@ -140,7 +140,7 @@ def main() -> None:
 
     def run_ours() -> dict:
         port = free_port()
-        return measure("vllm-gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(port)], ours_env,
+        return measure("vllm-gateway", [sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], ours_env,
                        f"http://127.0.0.1:{port}", ours_role, load_args,
                        "benchmarks/results/side_by_side_vllm_gateway.png")
 

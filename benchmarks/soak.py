@@ -169,13 +169,13 @@ def main() -> None:
         endpoint = f"ipc://{tempfile.mkdtemp(prefix='vllm-gateway-soak-')}/synthetic"
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"),
                                        "--endpoint", endpoint, "--step-ms", str(a.step_ms)], env=env))
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port),
+        procs.append(subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "http", "--port", str(port),
                                        "--engine-endpoints", endpoint], env=env, cwd=ROOT))
         gateway = psutil.Process(procs[-1].pid)
     else:
         a.model = "SmolLM2-135M-Instruct"
         env.update(DTYPE="float32", ENFORCE_EAGER="1", MAX_NUM_SEQS=str(max(a.streams, 256)))
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], env=env, cwd=ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], env=env, cwd=ROOT))
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", procs[-1], 900)
         if a.engine == "real":  # the HTTP gateway is the child of `serve` that runs `gateway http`

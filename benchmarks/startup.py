@@ -64,7 +64,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     out = open(os.path.join(run_dir, "log"), "wb")
 
-    gw = subprocess.Popen([sys.executable, "-m", "gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+    gw = subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                           env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def listening() -> bool:
@@ -76,7 +76,7 @@ def main() -> None:
     gateway_start = wait(listening, 30)
     gateway_rss_idle = rss_mb(gw.pid)
 
-    engine = subprocess.Popen([sys.executable, "-m", "engine", "--endpoint", endpoint], env=env,
+    engine = subprocess.Popen([sys.executable, "-m", "vllm_gateway.engine", "--endpoint", endpoint], env=env,
                               stdout=out, stderr=subprocess.STDOUT)
     try:
         engine_start = wait(lambda: httpx.get(url + "/health", timeout=0.5).status_code == 200, 900)

@@ -22,7 +22,7 @@ import uuid
 import zmq
 import zmq.asyncio
 
-from protocol.messages import (
+from vllm_gateway.protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
     Delta,

@@ -1,6 +1,6 @@
 import sys
 
-from engine.main import main
+from vllm_gateway.engine.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

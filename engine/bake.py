@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from engine import default_model
+from vllm_gateway.engine import default_model
 
 log = logging.getLogger("engine.bake")
 

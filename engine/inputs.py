@@ -12,7 +12,7 @@ import msgspec
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from protocol.messages import ChatPrompt, FailureKind, Generate, SamplingParams, TextPrompt, TokensPrompt
+from vllm_gateway.protocol.messages import ChatPrompt, FailureKind, Generate, SamplingParams, TextPrompt, TokensPrompt
 
 # Prompts longer than this (in characters) are tokenized off the event loop.
 TOKENIZE_INLINE_MAX_CHARS = 8192

@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from engine import args as engine_args
-from engine import default_model, reaper
-from protocol import transport
-from protocol.endpoints import default_engine_endpoint
+from vllm_gateway.engine import args as engine_args
+from vllm_gateway.engine import default_model, reaper
+from vllm_gateway.protocol import transport
+from vllm_gateway.protocol.endpoints import default_engine_endpoint
 
 log = logging.getLogger("engine")
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         served = served or default_model.SERVED_NAME
     served = served or settings["MODEL_NAME"]
 
-    from engine import server
+    from vllm_gateway.engine import server
 
     kwargs = engine_args.engine_kwargs(settings, server.supported_engine_args())
     kwargs["served_model_name"] = served

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.inputs import Rendered
-from protocol.messages import Delta, Generate, TokenLogprob
+from vllm_gateway.engine.inputs import Rendered
+from vllm_gateway.protocol.messages import Delta, Generate, TokenLogprob
 
 
 class OutputBuilder:

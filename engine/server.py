@@ -27,12 +27,12 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from engine.inputs import BadRequest, InputRenderer
-from engine.outputs import OutputBuilder
-from engine.stats import RequestStats
-from protocol.metrics import EngineMetrics
-from protocol.transport import ServerKeys, secure_server
-from protocol.messages import (
+from vllm_gateway.engine.inputs import BadRequest, InputRenderer
+from vllm_gateway.engine.outputs import OutputBuilder
+from vllm_gateway.engine.stats import RequestStats
+from vllm_gateway.protocol.metrics import EngineMetrics
+from vllm_gateway.protocol.transport import ServerKeys, secure_server
+from vllm_gateway.protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
     Delta,

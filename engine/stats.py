@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from protocol.metrics import EngineMetrics
+from vllm_gateway.protocol.metrics import EngineMetrics
 
 
 class RequestStats:

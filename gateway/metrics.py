@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from protocol.metrics import HISTOGRAMS, TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics
+from vllm_gateway.protocol.metrics import HISTOGRAMS, TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics
 
 if TYPE_CHECKING:
-    from gateway.engines.client import EngineClient
+    from vllm_gateway.gateway.engines.client import EngineClient
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 

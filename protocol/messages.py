@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import msgspec
 
-from protocol.metrics import EngineMetrics
+from vllm_gateway.protocol.metrics import EngineMetrics
 
 PROTOCOL_VERSION = 2  # 1: before versioning (failures carried an HTTP status)
 

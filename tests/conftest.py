@@ -15,7 +15,7 @@ import httpx
 import pytest
 import zmq
 
-from protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
+from vllm_gateway.protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct"
@@ -90,7 +90,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine_endpoint(run_dir):
     endpoint = f"ipc://{run_dir}/engine-0"
-    proc = Proc("engine", ["engine", "--endpoint", endpoint], child_env(), run_dir, own_group=True)
+    proc = Proc("engine", ["vllm_gateway.engine", "--endpoint", endpoint], child_env(), run_dir, own_group=True)
     yield endpoint, proc
     proc.stop()
 
@@ -100,7 +100,7 @@ def gateway(engine_endpoint, run_dir):
     """The shared HTTP gateway: (its URL, its process)."""
     endpoint, engine = engine_endpoint
     port = free_port()
-    proc = Proc("gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+    proc = Proc("gateway", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                 child_env(REQUEST_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S)), run_dir)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, [engine, proc], ENGINE_START_TIMEOUT_S)

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from engine.args import apply_platform_defaults, collect, engine_kwargs, redacted
+from vllm_gateway.engine.args import apply_platform_defaults, collect, engine_kwargs, redacted
 
 SUPPORTED = {"model", "revision", "max_model_len", "dtype", "enforce_eager", "tensor_parallel_size",
              "max_num_seqs", "trust_remote_code", "hf_token", "download_dir", "enable_log_requests",
@@ -57,7 +57,7 @@ def test_cpu_defaults():
 
 # ----------------------------------------------------------------- engine groups
 
-from gateway.supervisor.launcher import plan_engines  # noqa: E402
+from vllm_gateway.gateway.supervisor.launcher import plan_engines  # noqa: E402
 
 
 def test_one_engine_per_gpu_group():

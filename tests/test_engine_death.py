@@ -38,10 +38,10 @@ class Answer(threading.Thread):
 @pytest.fixture(scope="module")
 def lone_engine(run_dir):
     endpoint = f"ipc://{run_dir}/lone-engine"
-    engine = Proc("lone-engine", ["engine", "--endpoint", endpoint, "--max-model-len", "1024"], child_env(), run_dir,
+    engine = Proc("lone-engine", ["vllm_gateway.engine", "--endpoint", endpoint, "--max-model-len", "1024"], child_env(), run_dir,
                   own_group=True)
     port = free_port()
-    gateway = Proc("lone-gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+    gateway = Proc("lone-gateway", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                    child_env(), run_dir)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, [engine, gateway], 600)

@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from conftest import ROOT, Proc, child_env, free_port, wait_healthy
-from gateway.engines.client import EngineClient, NoEngine, StreamFailed
-from gateway.openai.formatting import ChatFormatter, CompletionFormatter
-from gateway.supervisor import launcher
-from protocol.messages import PROTOCOL_VERSION, Delta, EngineStatus, Generate, SamplingParams, TextPrompt, TokenLogprob
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, StreamFailed
+from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter
+from vllm_gateway.gateway.supervisor import launcher
+from vllm_gateway.protocol.messages import PROTOCOL_VERSION, Delta, EngineStatus, Generate, SamplingParams, TextPrompt, TokenLogprob
 
 # ------------------------------------------------------------------ formatting
 
@@ -188,7 +188,7 @@ def test_failover_between_two_synthetic_engines(run_dir):
     engines = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"),
                                  "--endpoint", ep, "--step-ms", "20"], env=child_env()) for ep in endpoints]
     port = free_port()
-    gateway = Proc("synthetic-gateway", ["gateway", "http", "--port", str(port), "--engine-endpoints",
+    gateway = Proc("synthetic-gateway", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints",
                                          ",".join(endpoints)], child_env(), run_dir)
     url = f"http://127.0.0.1:{port}"
     try:

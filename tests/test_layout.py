@@ -1,13 +1,20 @@
-"""The tree tells the architecture: who may import whom, and no import cycle."""
+"""The tree tells the architecture: who may import whom, and no import cycle.
+
+The three folders install as one distinct import name, `vllm_gateway` (setup.cfg maps
+`vllm_gateway.gateway` to `gateway/` and so on), so the graph below names modules without
+that prefix."""
 
 from __future__ import annotations
 
 import ast
+import configparser
+import re
 from pathlib import Path
 
 from conftest import ROOT
 
 PACKAGES = ("protocol", "engine", "gateway")
+PREFIX = "vllm_gateway."
 
 
 def module_name(path: Path) -> str:
@@ -28,7 +35,7 @@ def imports() -> dict[str, set[str]]:
                 targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             else:
                 continue
-            found |= {t for t in targets if t in modules}
+            found |= {t[len(PREFIX):] for t in targets if t.startswith(PREFIX) and t[len(PREFIX):] in modules}
         graph[name] = found - {name}
     return graph
 
@@ -63,3 +70,19 @@ def test_no_import_cycle():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def test_one_distinct_import_name():
+    """Every package folder is installed, under `vllm_gateway.` only, and nothing in the
+    tree (code, tests, benchmarks) imports the bare folder names, which would work from
+    the checkout alone and load a second copy of a module."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    folders = {PREFIX + ".".join(p.parent.relative_to(ROOT).parts)
+               for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
+    assert listed == folders
+    bare = re.compile(r"^\s*(from|import) (%s)\b" % "|".join(PACKAGES), re.M)
+    for folder in (*PACKAGES, "tests", "benchmarks", "deploy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not bare.search(path.read_text()), path

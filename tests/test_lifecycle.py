@@ -30,7 +30,7 @@ def test_serve_command_end_to_end(run_dir):
     port = free_port()
     env = child_env(OPENAI_SERVED_MODEL_NAME_OVERRIDE="smol-test", OPENAI_RESPONSE_ROLE="bot",
                     CUSTOM_CHAT_TEMPLATE="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    proc = Proc("serve", ["gateway", "serve", "--port", str(port), "--max-model-len", "1024"], env, run_dir)
+    proc = Proc("serve", ["vllm_gateway.gateway", "serve", "--port", str(port), "--max-model-len", "1024"], env, run_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], 600)
@@ -59,7 +59,7 @@ def test_client_disconnect_while_waiting_non_streaming_frees_engine(gateway_url,
 def test_request_timeout_aborts_the_engine_request(engine_endpoint, run_dir):
     endpoint, engine = engine_endpoint
     port = free_port()
-    proc = Proc("gateway-timeout", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+    proc = Proc("gateway-timeout", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                 child_env(REQUEST_TIMEOUT_S="1.5"), run_dir)
     url = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "ignore_eos": True}
@@ -83,7 +83,7 @@ def test_stream_interval_batches_tokens_into_fewer_events(engine_endpoint, run_d
     meanwhile merged into one chunk; every token still arrives, usage exact."""
     endpoint, engine = engine_endpoint
     port = free_port()
-    proc = Proc("gateway-interval", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
+    proc = Proc("gateway-interval", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint],
                 child_env(STREAM_INTERVAL_MS="400"), run_dir)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -104,7 +104,7 @@ def test_stream_interval_batches_tokens_into_fewer_events(engine_endpoint, run_d
 def test_sigterm_while_engines_load_is_a_normal_stop(run_dir, command):
     """A stop that comes while the engines are still loading exits 0 at once and
     leaves no engine (nor vLLM process) behind."""
-    args = ["gateway", command] + (["--port", str(free_port())] if command == "serve" else [])
+    args = ["vllm_gateway.gateway", command] + (["--port", str(free_port())] if command == "serve" else [])
     proc = Proc(f"{command}-stopped-loading", args, child_env(), run_dir)
     deadline = time.monotonic() + 60
     engines: list[psutil.Process] = []
@@ -130,8 +130,8 @@ def test_engine_refuses_the_requests_of_a_gateway_of_another_version(engine_endp
     import msgspec
     import zmq
 
-    from protocol.messages import PROTOCOL_VERSION, EngineStatus, Generate, Outputs, SamplingParams, TextPrompt
-    from protocol.messages import decode_engine_message, encode
+    from vllm_gateway.protocol.messages import PROTOCOL_VERSION, EngineStatus, Generate, Outputs, SamplingParams, TextPrompt
+    from vllm_gateway.protocol.messages import decode_engine_message, encode
 
     endpoint, _ = engine_endpoint
     ctx = zmq.Context()

@@ -79,7 +79,7 @@ def test_each_gateway_exposes_its_own_share(gateway_url, engine_endpoint, run_di
     both gateways' metrics gives the engine's totals."""
     endpoint, engine = engine_endpoint
     port = free_port()
-    second = Proc("gateway-b", ["gateway", "http", "--port", str(port), "--engine-endpoints", endpoint], child_env(), run_dir)
+    second = Proc("gateway-b", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints", endpoint], child_env(), run_dir)
     url_b = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url_b, [second, engine], 600)

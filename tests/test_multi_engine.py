@@ -74,7 +74,7 @@ def wait_until(check, timeout: float, what: str, proc: Proc):
 @pytest.fixture(scope="module")
 def two_engines(run_dir):
     port = free_port()
-    proc = Proc("serve-two-engines", ["gateway", "serve", "--port", str(port), "--max-model-len", "1024"],
+    proc = Proc("serve-two-engines", ["vllm_gateway.gateway", "serve", "--port", str(port), "--max-model-len", "1024"],
                 child_env(NUM_ENGINES="2", DRAIN_TIMEOUT_S="120"), run_dir)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, [proc], 900)
@@ -172,7 +172,7 @@ def test_sigterm_during_a_restart_drains_then_exits_zero(two_engines):
         found = []
         for c in psutil.Process(proc.popen.pid).children():
             try:
-                if c.pid not in pids and "engine" in c.cmdline():
+                if c.pid not in pids and "vllm_gateway.engine" in c.cmdline():
                     found.append(c)
             except psutil.Error:  # the victim, a zombie until the launcher reaps it
                 pass

@@ -3,8 +3,8 @@
 import msgspec
 import pytest
 
-from gateway.openai.errors import from_failure
-from protocol.messages import (
+from vllm_gateway.gateway.openai.errors import from_failure
+from vllm_gateway.protocol.messages import (
     PROTOCOL_VERSION, Abort, ChatPrompt, Delta, EngineStatus, FailureKind, Generate, Hello, Outputs, RequestFailed,
     SamplingParams, TextPrompt, TokenLogprob, TokensPrompt,
     decode_engine_message, decode_gateway_message, encode,
@@ -85,7 +85,7 @@ def test_gateway_does_not_route_to_an_engine_of_another_version(tmp_path):
     import zmq
     import zmq.asyncio
 
-    from gateway.engines.client import EngineClient
+    from vllm_gateway.gateway.engines.client import EngineClient
 
     async def scenario() -> tuple[bool, bool]:
         endpoint = f"ipc://{tmp_path}/old-engine"

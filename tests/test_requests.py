@@ -3,10 +3,10 @@
 import msgspec
 import pytest
 
-from gateway.openai.errors import APIError, from_validation
-from gateway.openai.validation import chat_generate, check_model, completion_generates
-from protocol.messages import ChatPrompt, TextPrompt, TokensPrompt
-from gateway.openai.schemas import decode_chat_request, decode_completion_request
+from vllm_gateway.gateway.openai.errors import APIError, from_validation
+from vllm_gateway.gateway.openai.validation import chat_generate, check_model, completion_generates
+from vllm_gateway.protocol.messages import ChatPrompt, TextPrompt, TokensPrompt
+from vllm_gateway.gateway.openai.schemas import decode_chat_request, decode_completion_request
 
 
 def chat(**kw):

@@ -22,7 +22,7 @@ def start_worker(name: str, queue: JobQueue, endpoint: str, run_dir, **env: str)
     cwd.mkdir(exist_ok=True)  # the SDK keeps a job-state file in its working directory
     e = child_env(ENGINE_ENDPOINTS=endpoint, MAX_CONCURRENCY=str(MAX_CONCURRENCY), **queue.env())
     e.update(env)
-    return Proc(name, ["gateway", "runpod"], e, run_dir, cwd=cwd)
+    return Proc(name, ["vllm_gateway.gateway", "runpod"], e, run_dir, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +302,7 @@ def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
     port = free_port()
     cwd = run_dir / "rp-serve-api"
     cwd.mkdir()
-    proc = Proc("runpod-serve-api", ["gateway", "runpod", "--rp_serve_api", "--rp_api_port", str(port),
+    proc = Proc("runpod-serve-api", ["vllm_gateway.gateway", "runpod", "--rp_serve_api", "--rp_api_port", str(port),
                                      "--max-model-len", "1024"], child_env(), run_dir, cwd=cwd)
     try:
         deadline = time.monotonic() + 600
@@ -328,7 +328,7 @@ def test_rp_serve_api_runsync_starts_its_own_engine(run_dir):
 def test_worker_exits_nonzero_when_the_engine_cannot_start(run_dir):
     cwd = run_dir / "rp-bad-engine"
     (cwd / "empty-model").mkdir(parents=True)
-    proc = Proc("runpod-bad-engine", ["gateway", "runpod"], child_env(MODEL_NAME=str(cwd / "empty-model")), run_dir, cwd=cwd)
+    proc = Proc("runpod-bad-engine", ["vllm_gateway.gateway", "runpod"], child_env(MODEL_NAME=str(cwd / "empty-model")), run_dir, cwd=cwd)
     try:
         code = proc.popen.wait(300)
     finally:
@@ -339,7 +339,7 @@ def test_worker_exits_nonzero_when_the_engine_cannot_start(run_dir):
 def test_worker_refuses_a_bad_setting_at_once(run_dir):
     cwd = run_dir / "rp-bad-setting"
     cwd.mkdir()
-    proc = Proc("runpod-bad-setting", ["gateway", "runpod"], child_env(MAX_MODEL_LEN="lots"), run_dir, cwd=cwd)
+    proc = Proc("runpod-bad-setting", ["vllm_gateway.gateway", "runpod"], child_env(MAX_MODEL_LEN="lots"), run_dir, cwd=cwd)
     try:
         code = proc.popen.wait(60)
     finally:
@@ -357,7 +357,7 @@ def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
     q = JobQueue()
     cwd = run_dir / "rp-own-engine"
     cwd.mkdir()
-    proc = Proc("runpod-own-engine", ["gateway", "runpod", "--max-model-len", "1024"],
+    proc = Proc("runpod-own-engine", ["vllm_gateway.gateway", "runpod", "--max-model-len", "1024"],
                 child_env(MAX_CONCURRENCY="4", **q.env()), run_dir, cwd=cwd)
     try:
         job = q.submit({"prompt": "Count:", "stream": True, "sampling_params": {"max_tokens": 1000, "ignore_eos": True}})
@@ -365,7 +365,7 @@ def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
             q.wait_stream(job, 2, timeout=600)
         except TimeoutError:
             raise AssertionError(proc.tail()) from None
-        [engine] = [p for p in psutil.Process(proc.popen.pid).children() if "engine" in p.cmdline()]
+        [engine] = [p for p in psutil.Process(proc.popen.pid).children() if "vllm_gateway.engine" in p.cmdline()]
         pid = engine.pid
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -376,7 +376,7 @@ def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
 
         _, result = q.run({"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": True}}, timeout=600)
         assert result["output"][0]["usage"]["output"] == 3, result
-        [restarted] = [p for p in psutil.Process(proc.popen.pid).children() if "engine" in p.cmdline()]
+        [restarted] = [p for p in psutil.Process(proc.popen.pid).children() if "vllm_gateway.engine" in p.cmdline()]
         assert restarted.pid != pid
     finally:
         code = proc.stop(signal.SIGTERM, timeout=60)

@@ -8,13 +8,13 @@ import msgspec
 import pytest
 
 from conftest import ROOT, child_env
-from engine.args import SETTINGS
-from gateway.config import RunPodSettings
-from gateway.openai.errors import APIError, from_validation
-from gateway.runpod.standard import job_generate
-from gateway.runpod.worker import BatchSizer
-from protocol.messages import ChatPrompt, TextPrompt
-from gateway.runpod.schemas import job_input_from_dict
+from vllm_gateway.engine.args import SETTINGS
+from vllm_gateway.gateway.config import RunPodSettings
+from vllm_gateway.gateway.openai.errors import APIError, from_validation
+from vllm_gateway.gateway.runpod.standard import job_generate
+from vllm_gateway.gateway.runpod.worker import BatchSizer
+from vllm_gateway.protocol.messages import ChatPrompt, TextPrompt
+from vllm_gateway.gateway.runpod.schemas import job_input_from_dict
 
 
 def schedule(sizer: BatchSizer, k: int) -> list[int]:
@@ -111,7 +111,7 @@ def test_hub_json_offers_every_setting():
 
 
 def test_bake_local_folder_is_used_as_is(tmp_path):
-    from engine.bake import bake
+    from vllm_gateway.engine.bake import bake
 
     assert bake({"MODEL_NAME": str(tmp_path), "BASE_PATH": str(tmp_path / "base")}) == [tmp_path]
 
@@ -121,7 +121,7 @@ def test_bake_embedded_model_into_base_path(tmp_path):
     BASE_PATH/models, where the engine looks for it."""
     env = child_env(BASE_PATH=str(tmp_path))
     env.pop("MODEL_NAME", None)
-    r = subprocess.run([sys.executable, "-m", "gateway", "bake"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "vllm_gateway.gateway", "bake"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from gateway.engines.client import RequestStream, StreamFailed
-from protocol.messages import Delta, FailureKind, RequestFailed
+from vllm_gateway.gateway.engines.client import RequestStream, StreamFailed
+from vllm_gateway.protocol.messages import Delta, FailureKind, RequestFailed
 
 
 def delta(i: int) -> Delta:

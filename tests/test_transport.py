@@ -7,8 +7,8 @@ import pytest
 import zmq
 
 from conftest import ROOT, child_env, free_port
-from protocol.messages import Hello, decode_gateway_message, encode
-from protocol.transport import InsecureEndpoint, create_keys, is_loopback, secure_client, secure_server, server_keys
+from vllm_gateway.protocol.messages import Hello, decode_gateway_message, encode
+from vllm_gateway.protocol.transport import InsecureEndpoint, create_keys, is_loopback, secure_client, secure_server, server_keys
 
 
 @pytest.mark.parametrize("endpoint,local", [
@@ -29,7 +29,7 @@ def test_no_unauthenticated_bind_beyond_loopback(tmp_path):
 
 
 def test_engine_refuses_public_bind_before_loading_anything():
-    r = subprocess.run([sys.executable, "-m", "engine", "--endpoint", "tcp://0.0.0.0:5999"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vllm_gateway.engine", "--endpoint", "tcp://0.0.0.0:5999"], cwd=ROOT,
                        env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "refusing to bind tcp://0.0.0.0:5999" in r.stderr, r.stderr
 

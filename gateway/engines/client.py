@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from protocol.messages import (
+from vllm_gateway.protocol.messages import (
     Abort,
     EngineMetrics,
     Delta,
@@ -37,8 +37,8 @@ from protocol.messages import (
     decode_engine_message,
     encode,
 )
-from gateway.openai.schemas import EngineHealth
-from protocol.transport import secure_client
+from vllm_gateway.gateway.openai.schemas import EngineHealth
+from vllm_gateway.protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
 

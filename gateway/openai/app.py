@@ -22,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import metrics
-from gateway.openai import openapi
-from gateway.openai.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
-from gateway.config import GatewaySettings
-from gateway.engines.client import EngineClient
-from gateway.openai.errors import APIError, decode_or_400
-from gateway.openai.formatting import SSE_DONE, sse
-from protocol.messages import EngineStatus
-from gateway.openai.schemas import Health, decode_chat_request, decode_completion_request, json_encode
+from vllm_gateway.gateway import metrics
+from vllm_gateway.gateway.openai import openapi
+from vllm_gateway.gateway.openai.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
+from vllm_gateway.gateway.config import GatewaySettings
+from vllm_gateway.gateway.engines.client import EngineClient
+from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
+from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
+from vllm_gateway.protocol.messages import EngineStatus
+from vllm_gateway.gateway.openai.schemas import Health, decode_chat_request, decode_completion_request, json_encode
 
 log = logging.getLogger("gateway.http")
 
@@ -262,15 +262,20 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
         yield
         await gw.client.close()
 
+    # The routes are the documented operations: a handler without an operation (or the
+    # reverse) fails here, at start-up, instead of serving an undocumented route.
+    handlers = {
+        "/v1/chat/completions": gw.chat_completions,
+        "/v1/completions": gw.completions,
+        "/v1/models": gw.models,
+        "/health": gw.health,
+        "/metrics": _metrics,
+        "/openapi.json": openapi_json,
+    }
+    if set(handlers) != set(ROUTES):
+        raise RuntimeError(f"routes and documented operations differ: {set(handlers) ^ set(ROUTES)}")
     app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
-            Route("/v1/completions", gw.completions, methods=["POST"]),
-            Route("/v1/models", gw.models, methods=["GET"]),
-            Route("/health", gw.health, methods=["GET"]),
-            Route("/metrics", _metrics, methods=["GET"]),
-            Route("/openapi.json", openapi_json, methods=["GET"]),
-        ],
+        routes=[Route(op.path, handlers[op.path], methods=[op.method.upper()]) for op in openapi.OPERATIONS],
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,

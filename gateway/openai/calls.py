@@ -14,13 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from gateway.openai import validation
-from gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
-from gateway.openai.errors import APIError, from_failure
-from gateway.metrics import TTFT
-from gateway.openai.formatting import ChatFormatter, CompletionFormatter, Formatter
-from protocol.messages import Delta, EngineStatus, Generate
-from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from vllm_gateway.gateway.openai import validation
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
+from vllm_gateway.gateway.openai.errors import APIError, from_failure
+from vllm_gateway.gateway.metrics import TTFT
+from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter, Formatter
+from vllm_gateway.protocol.messages import Delta, EngineStatus, Generate
+from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from protocol.messages import FailureKind, RequestFailed
-from gateway.openai.schemas import ErrorInfo, ErrorResponse, json_encode
+from vllm_gateway.protocol.messages import FailureKind, RequestFailed
+from vllm_gateway.gateway.openai.schemas import ErrorInfo, ErrorResponse, json_encode
 
 T = TypeVar("T")
 

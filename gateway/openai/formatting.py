@@ -13,8 +13,8 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from protocol.messages import Delta, TokenLogprob
-from gateway.openai.schemas import (
+from vllm_gateway.protocol.messages import Delta, TokenLogprob
+from vllm_gateway.gateway.openai.schemas import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,

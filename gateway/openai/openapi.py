@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.openai.schemas import (
+from vllm_gateway.gateway.openai.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -37,7 +37,7 @@ class Operation:
     other: str | None = None  # a 200 answer that is not JSON: its media type
 
 
-# Every route of the HTTP gateway (gateway/http_server.py builds its routes from these paths).
+# Every route of the HTTP gateway (app.py builds its routes from these).
 OPERATIONS = (
     Operation("post", "/v1/chat/completions", "Create a chat completion (streamed as server-sent events with `stream: true`)",
               ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, (400, 404, 408, 413, 415, 503, 504)),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.openai.errors import APIError
-from protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
-from gateway.openai.schemas import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
+from vllm_gateway.gateway.openai.errors import APIError
+from vllm_gateway.protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
+from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256

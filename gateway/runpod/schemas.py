@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.openai.schemas import ChatMessages, PositiveInt, Sampling
+from vllm_gateway.gateway.openai.schemas import ChatMessages, PositiveInt, Sampling
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from gateway.openai.errors import APIError
-from gateway.openai.formatting import Book
-from gateway.openai.validation import chat_messages, sampling_params
-from gateway.runpod.schemas import JobChoice, JobInput, JobOutput, JobSamplingParams, JobUsage
-from protocol.messages import ChatPrompt, Delta, Generate, Prompt, TextPrompt
+from vllm_gateway.gateway.openai.errors import APIError
+from vllm_gateway.gateway.openai.formatting import Book
+from vllm_gateway.gateway.openai.validation import chat_messages, sampling_params
+from vllm_gateway.gateway.runpod.schemas import JobChoice, JobInput, JobOutput, JobSamplingParams, JobUsage
+from vllm_gateway.protocol.messages import ChatPrompt, Delta, Generate, Prompt, TextPrompt
 
 
 def job_generate(job: JobInput, request_id: str) -> Generate:

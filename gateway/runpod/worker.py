@@ -26,15 +26,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway import metrics
-from gateway.openai.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
-from gateway.config import RunPodSettings
-from gateway.engines.client import EngineClient
-from gateway.openai.errors import APIError, decode_or_400
-from gateway.runpod.standard import JobFormatter, job_generate
-from gateway.openai.formatting import SSE_DONE, sse
-from gateway.openai.schemas import chat_request_from_dict, completion_request_from_dict
-from gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
+from vllm_gateway.gateway import metrics
+from vllm_gateway.gateway.openai.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
+from vllm_gateway.gateway.config import RunPodSettings
+from vllm_gateway.gateway.engines.client import EngineClient
+from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
+from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
+from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
+from vllm_gateway.gateway.openai.schemas import chat_request_from_dict, completion_request_from_dict
+from vllm_gateway.gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
 
 log = logging.getLogger("gateway.runpod")
 
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     """`vllm-gateway runpod [runpod SDK flags] [engine flags]`."""
     import runpod
 
-    from gateway.supervisor.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
+    from vllm_gateway.gateway.supervisor.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
 
     try:
         settings = RunPodSettings.from_env()

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from protocol.endpoints import parse_endpoints
+from vllm_gateway.protocol.endpoints import parse_endpoints
 
 
 def _setup_logging() -> None:
@@ -35,8 +35,8 @@ def _http_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def http_main(argv: list[str]) -> int:
-    from gateway.config import GatewaySettings
-    from gateway.openai.app import serve
+    from vllm_gateway.gateway.config import GatewaySettings
+    from vllm_gateway.gateway.openai.app import serve
 
     p = _http_parser("vllm-gateway http")
     p.add_argument("--engine-endpoints", default=None,
@@ -56,7 +56,7 @@ def http_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
-    from gateway.supervisor.launcher import launch
+    from vllm_gateway.gateway.supervisor.launcher import launch
 
     p = _http_parser("vllm-gateway serve")
     p.add_argument("--num-engines", default=None,
@@ -66,25 +66,25 @@ def serve_main(argv: list[str]) -> int:
 
 
 def engine_main(argv: list[str]) -> int:
-    from engine.main import main  # the only place the gateway CLI reaches vLLM
+    from vllm_gateway.engine.main import main  # the only place the gateway CLI reaches vLLM
 
     return main(argv)
 
 
 def runpod_main(argv: list[str]) -> int:
-    from gateway.runpod.worker import main
+    from vllm_gateway.gateway.runpod.worker import main
 
     return main(argv)
 
 
 def bake_main(argv: list[str]) -> int:
-    from engine.bake import main
+    from vllm_gateway.engine.bake import main
 
     return main(argv)
 
 
 def keys_main(argv: list[str]) -> int:
-    from protocol.transport import create_keys
+    from vllm_gateway.protocol.transport import create_keys
 
     p = argparse.ArgumentParser(prog="vllm-gateway keys", description=(
         "Make ZeroMQ CURVE certificates for tcp:// engines across hosts: NAME.key (public, "

@@ -30,9 +30,9 @@ from typing import Any
 
 import zmq
 
-from gateway.config import GatewaySettings
-from protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
-from protocol.transport import secure_client
+from vllm_gateway.gateway.config import GatewaySettings
+from vllm_gateway.protocol.messages import PROTOCOL_VERSION, EngineStatus, Hello, decode_engine_message, encode
+from vllm_gateway.protocol.transport import secure_client
 
 log = logging.getLogger("gateway.supervisor.launcher")
 
@@ -218,7 +218,7 @@ class EngineProcesses:
             if k == "VLLM_CPU_OMP_THREADS_BIND" and k in env:
                 continue  # the operator's own binding wins
             env[k] = v
-        args = ["engine", "--endpoint", slot.endpoint, "--engine-id", str(slot.index), *self.engine_argv]
+        args = ["vllm_gateway.engine", "--endpoint", slot.endpoint, "--engine-id", str(slot.index), *self.engine_argv]
         p = spawn(args, env, cpus=slot.cpus, own_group=True)
         where = ", ".join(f"{k}={v}" for k, v in slot.env.items())
         log.info("engine %d: pid %d%s", slot.index, p.pid, f" ({where})" if where else "")
@@ -357,7 +357,7 @@ def launch(host: str | None, port: int | None, engine_argv: list[str], num_engin
     except ValueError as e:
         log.error("bad setting: %s", e)
         return 2
-    http = spawn(["gateway", "http", "--host", host, "--port", str(port),
+    http = spawn(["vllm_gateway.gateway", "http", "--host", host, "--port", str(port),
                   "--engine-endpoints", ",".join(engines.endpoints)], child_env())
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log.info("HTTP gateway: pid %d", http.pid)
