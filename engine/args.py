@@ -1,16 +1,26 @@
-"""Engine settings: environment variables of RunPod's worker-vllm, CLI flags on top.
+"""Engine settings: environment variables, CLI flags on top.
 
-Each `Setting` maps one environment variable to one vLLM engine argument. The
-CLI flag of a setting is its variable's name in kebab case (`MAX_MODEL_LEN` ->
-`--max-model-len`); a flag given on the command line beats the environment.
+Two sources, as worker-vllm and `vllm serve` name them:
+- `SETTINGS`: worker-vllm's documented variables (some with names of their own,
+  `MODEL_NAME` -> `--model`) and this engine's chat options; each is also a CLI
+  flag, its variable's name in kebab case (`MAX_MODEL_LEN` -> `--max-model-len`).
+- every other vLLM engine argument, as its upper-snake-case variable
+  (`--max-num-batched-tokens` <- `MAX_NUM_BATCHED_TOKENS`), plus raw flags in
+  `VLLM_EXTRA_ARGS` and on the command line. These are parsed by vLLM's own
+  argument parser (`vllm_args`), so their types, JSON configs and choices are
+  vLLM's; a value it refuses names its variable.
+A flag given on the command line beats the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import re
+import shlex
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +34,13 @@ def parse_bool(value: str) -> bool:
     if v in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {value!r} (use 0 or 1)")
+
+
+def _json_object(value: str) -> dict:
+    obj = json.loads(value)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +87,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DISABLE_LOG_STATS", None, parse_bool, help="default 1"),
     Setting("DISABLE_LOG_REQUESTS", None, parse_bool, help="default 1"),
     Setting("OPENAI_SERVED_MODEL_NAME_OVERRIDE", None, help="model name clients use"),
+    Setting("SERVED_MODEL_NAME", None, help="model name clients use (vllm serve's name)"),
+    # Chat options of `vllm serve`'s front end, applied by the engine (engine/chat.py).
+    Setting("CHAT_TEMPLATE", None, help="Jinja chat template, or a file holding one (vllm serve's name)"),
+    Setting("CHAT_TEMPLATE_CONTENT_FORMAT", None, help="auto (default), string or openai"),
+    Setting("DEFAULT_CHAT_TEMPLATE_KWARGS", None, _json_object, help="JSON object passed to every chat template"),
+    Setting("TRUST_REQUEST_CHAT_TEMPLATE", None, parse_bool),
+    Setting("ENABLE_AUTO_TOOL_CHOICE", None, parse_bool, help="tool_choice auto, with TOOL_CALL_PARSER"),
+    Setting("TOOL_CALL_PARSER", None, help="vLLM tool parser (hermes, llama3_json, mistral, pythonic, ...)"),
+    Setting("TOOL_PARSER_PLUGIN", None, help="a Python file registering more tool parsers"),
+    Setting("EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", None, parse_bool),
 )
+
+# vLLM engine arguments not read from their upper-snake-case variable: named
+# otherwise here (SETTINGS), or whose variable means something else to other
+# programs (LOG_LEVEL is ours; MASTER_ADDR, NODE_RANK, ... are torch's).
+NOT_FROM_ENV = {"help", "model", "tokenizer", "served_model_name", "log_level", "master_addr", "master_port",
+                "nnodes", "node_rank"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSettings:
+    """The `vllm serve` front-end options this engine applies to chat requests."""
+
+    chat_template: str | None = None
+    content_format: str = "auto"  # CHAT_TEMPLATE_CONTENT_FORMAT: auto, string or openai
+    enable_auto_tools: bool = False  # ENABLE_AUTO_TOOL_CHOICE
+    tool_parser: str | None = None  # TOOL_CALL_PARSER
+    reasoning_parser: str | None = None  # REASONING_PARSER
+    default_chat_template_kwargs: dict[str, Any] | None = None
+    trust_request_chat_template: bool = False
+    exclude_tools_when_tool_choice_none: bool = False
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +163,61 @@ def engine_kwargs(settings: Mapping[str, Any], supported: set[str]) -> dict[str,
     if "BASE_PATH" in settings and "download_dir" in supported:
         kwargs["download_dir"] = os.path.join(settings["BASE_PATH"], "huggingface-cache", "hub")
     return kwargs
+
+
+class _Refused(ValueError):
+    pass
+
+
+def vllm_args(env: Mapping[str, str], cli: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Engine arguments from their upper-snake-case variables, `VLLM_EXTRA_ARGS`
+    and `cli` (in that order: later wins), parsed by `parser`, vLLM's own engine
+    argument parser. Only what was given is returned. A value the parser refuses
+    raises ValueError naming its variable (or the flag, when given as one)."""
+    table = {s.env for s in SETTINGS}
+    source: dict[str, str] = {}  # flag -> the variable it came from
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in NOT_FROM_ENV:
+            continue
+        var = action.dest.upper()
+        raw = env.get(var)
+        if var in table or raw is None or raw == "":
+            continue
+        flag = action.option_strings[0]
+        source[flag] = var
+        if action.nargs == 0:  # on/off flags: --x / --no-x (or --enable-x / --disable-x)
+            try:
+                on = parse_bool(raw)
+            except ValueError as e:
+                raise ValueError(f"{var}={raw!r}: {e}") from None
+            if on:
+                argv.append(flag)
+            elif len(action.option_strings) > 1:
+                argv.append(action.option_strings[1])
+        elif action.nargs in ("+", "*"):
+            argv += [flag, *shlex.split(raw)]
+        else:
+            argv.append(f"{flag}={raw}")
+    extra = shlex.split(env.get("VLLM_EXTRA_ARGS", ""))
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # report only what was given
+
+    def refuse(message: str) -> None:
+        raise _Refused(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        ns = parser.parse_args(argv + extra + list(cli))
+    except _Refused as e:
+        message = str(e)
+        flag = re.search(r"argument (-[-\w]+)", message)
+        var = source.get(flag.group(1).split("/")[0]) if flag else None
+        if var is not None:
+            raise ValueError(f"{var}={env.get(var)!r}: {message}") from None
+        where = "VLLM_EXTRA_ARGS or the command line" if extra or cli else "engine arguments"
+        raise ValueError(f"{where}: {message}") from None
+    return vars(ns)
 
 
 def redacted(kwargs: Mapping[str, Any]) -> dict[str, Any]:

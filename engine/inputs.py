@@ -1,5 +1,5 @@
-"""Requests in: a `Generate` as vLLM's `AsyncLLM.generate` takes it (the prompt's
-token ids and vLLM's sampling parameters), checked against the model's context
+"""Requests in: a `Generate` as vLLM's `AsyncLLM.generate` takes it (the prompt,
+rendered, and vLLM's sampling parameters), checked against the model's context
 (the input side, as vLLM's own `input_processor.py` is)."""
 
 from __future__ import annotations
@@ -10,19 +10,24 @@ from typing import Any
 
 import msgspec
 from vllm import SamplingParams as VllmSamplingParams
+from vllm.inputs import TokensPrompt as VllmTokensPrompt
 from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import StructuredOutputsParams as VllmStructuredOutputs
 
-from vllm_gateway.protocol.messages import ChatPrompt, FailureKind, Generate, SamplingParams, TextPrompt, TokensPrompt
+from vllm_gateway.engine.chat import ChatRenderer, RenderedChat
+from vllm_gateway.engine.failures import BadRequest
+from vllm_gateway.protocol.messages import (
+    ChatPrompt,
+    FailureKind,
+    Generate,
+    SamplingParams,
+    StructuredOutputs,
+    TextPrompt,
+    TokensPrompt,
+)
 
 # Prompts longer than this (in characters) are tokenized off the event loop.
 TOKENIZE_INLINE_MAX_CHARS = 8192
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, kind: FailureKind = FailureKind.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.param = param
-        self.kind = kind
 
 
 @dataclasses.dataclass
@@ -30,29 +35,51 @@ class Rendered:
     prompt_ids: list[int]
     prompt_text: str | None  # only when the gateway asked for it (`return_prompt`), or already at hand
     params: VllmSamplingParams
+    engine_input: Any  # what AsyncLLM.generate takes
+    chat: RenderedChat | None = None  # a chat request, as vLLM's renderer left it
 
 
-def sampling_params(p: SamplingParams, max_tokens: int) -> VllmSamplingParams:
+def structured_outputs(so: StructuredOutputs | None) -> VllmStructuredOutputs | None:
+    if so is None:
+        return None
+    fields = msgspec.structs.asdict(so)
+    del fields["origin"]
+    return VllmStructuredOutputs(**fields)
+
+
+def sampling_params(p: SamplingParams, max_tokens: int, so: VllmStructuredOutputs | None = None) -> VllmSamplingParams:
     """vLLM sampling parameters (our fields carry vLLM's names), streaming deltas.
     vLLM validates them again and raises on what it rejects."""
     fields = msgspec.structs.asdict(p)
-    fields.update(max_tokens=max_tokens, stop=p.stop or None, stop_token_ids=p.stop_token_ids or None)
+    fields.update(max_tokens=max_tokens, stop=p.stop or None, stop_token_ids=p.stop_token_ids or None,
+                  structured_outputs=so)
     return VllmSamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
 
 
 class InputRenderer:
-    """Renders requests for one model: its tokenizer, context length, chat template."""
+    """Renders requests for one model: its tokenizer and context length; chat
+    requests through vLLM's renderer (`chat.py`)."""
 
-    def __init__(self, tokenizer: Any, max_model_len: int, chat_template: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int, chat: ChatRenderer) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.chat_template = chat_template
+        self.chat = chat
 
     async def render(self, req: Generate) -> Rendered:
         """Raises `BadRequest` for what the request got wrong (a prompt the chat
         template refuses, token ids out of the vocabulary, no room in the context)."""
+        p = req.params
+        if isinstance(req.prompt, ChatPrompt):
+            so = msgspec.structs.asdict(p.structured_outputs) if p.structured_outputs is not None else None
+            if so is not None:
+                so = {k: v for k, v in so.items() if k != "origin" and v not in (None, False)}
+            chat = await self.chat.render(req.prompt, p.max_tokens, so, p.n)
+            ids = chat.prompt_ids
+            params = sampling_params(p, self.max_tokens(len(ids), p.max_tokens), chat.request.extract_structured_outputs())
+            return Rendered(ids, None, params, chat.engine_input, chat)
         ids, text = await self._prompt(req)
-        return Rendered(ids, text, sampling_params(req.params, self.max_tokens(len(ids), req.params.max_tokens)))
+        params = sampling_params(p, self.max_tokens(len(ids), p.max_tokens), structured_outputs(p.structured_outputs))
+        return Rendered(ids, text, params, VllmTokensPrompt(prompt_token_ids=ids))
 
     def max_tokens(self, num_prompt: int, requested: int | None) -> int:
         limit = self.max_model_len
@@ -84,20 +111,6 @@ class InputRenderer:
                 raise BadRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", "prompt")
             text = tok.decode(p.token_ids) if req.return_prompt else None
             return list(p.token_ids), text
-        if isinstance(p, ChatPrompt):
-            try:
-                text = tok.apply_chat_template(
-                    p.messages,
-                    tokenize=False,
-                    add_generation_prompt=p.add_generation_prompt and not p.continue_final_message,
-                    continue_final_message=p.continue_final_message,
-                    chat_template=self.chat_template,
-                    **(p.chat_template_kwargs or {}),
-                )
-            except Exception as e:  # template errors are the request's fault (bad roles, ...)
-                raise BadRequest(f"the chat template could not render these messages: {e}", "messages") from None
-            ids = await self._tokenize(text, add_special_tokens=False)
-            return ids, text
         assert isinstance(p, TextPrompt)
         return await self._tokenize(p.text, p.add_special_tokens), p.text
 

@@ -35,7 +35,7 @@ def _cpu_has_bf16() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ns = build_parser().parse_args(argv)
+    ns, vllm_argv = build_parser().parse_known_args(argv)
     try:
         settings = engine_args.collect(os.environ, vars(ns))
     except ValueError as e:
@@ -51,19 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     reaper.start()  # before anything is loaded: a small fork
     import torch  # only now: argument errors above should not wait for torch
 
+    from vllm_gateway.engine import server
+
+    try:
+        given = engine_args.vllm_args(os.environ, vllm_argv, server.engine_arg_parser())
+        chat = chat_settings(settings, given.get("reasoning_parser"))
+    except (ValueError, OSError) as e:
+        log.error("bad setting: %s", e)
+        return 2
     for choice in engine_args.apply_platform_defaults(
         settings, os.environ, on_gpu=torch.cuda.is_available(), cpu_has_bf16=_cpu_has_bf16()
     ):
         log.info("default for this machine: %s", choice)
-    served = settings.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE")
+    served = (settings.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE") or settings.get("SERVED_MODEL_NAME")
+              or (given.get("served_model_name") or [None])[0])
     if "MODEL_NAME" not in settings:
         settings["MODEL_NAME"] = str(default_model.ensure(settings.get("BASE_PATH")))
         served = served or default_model.SERVED_NAME
     served = served or settings["MODEL_NAME"]
 
-    from vllm_gateway.engine import server
-
     kwargs = engine_args.engine_kwargs(settings, server.supported_engine_args())
+    kwargs.update(given)
     kwargs["served_model_name"] = served
     log.info("engine arguments: %s", engine_args.redacted(kwargs))
     config = server.EngineConfig(
@@ -71,10 +79,50 @@ def main(argv: list[str] | None = None) -> int:
         served_model_name=served,
         endpoint=endpoint,
         engine_id=ns.engine_id,
-        chat_template=settings.get("CUSTOM_CHAT_TEMPLATE"),
+        chat=chat,
         keys=keys,
     )
     return server.serve(config)
+
+
+def chat_settings(settings: dict, reasoning_parser: str | None) -> engine_args.ChatSettings:
+    """The chat options of `vllm serve`'s front end, from their variables."""
+    template = settings.get("CHAT_TEMPLATE") or settings.get("CUSTOM_CHAT_TEMPLATE")
+    if template is not None:
+        from vllm.renderers.chat_utils import load_chat_template  # a file's path, or the template itself
+
+        template = load_chat_template(template)
+    plugin = settings.get("TOOL_PARSER_PLUGIN")
+    if plugin:
+        from vllm.tool_parsers import ToolParserManager
+
+        ToolParserManager.import_tool_parser(plugin)
+    parser = settings.get("TOOL_CALL_PARSER")
+    auto = bool(settings.get("ENABLE_AUTO_TOOL_CHOICE", False))
+    if auto and not parser:
+        raise ValueError("ENABLE_AUTO_TOOL_CHOICE=1 needs TOOL_CALL_PARSER (as vllm serve's "
+                         "--enable-auto-tool-choice needs --tool-call-parser)")
+    if parser:
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            ToolParserManager.get_tool_parser(parser)
+        except KeyError:
+            raise ValueError(f"TOOL_CALL_PARSER={parser!r}: no such tool parser; vLLM has "
+                             + ", ".join(sorted(ToolParserManager.list_registered()))) from None
+    fmt = settings.get("CHAT_TEMPLATE_CONTENT_FORMAT", "auto")
+    if fmt not in ("auto", "string", "openai"):
+        raise ValueError(f"CHAT_TEMPLATE_CONTENT_FORMAT={fmt!r}: use auto, string or openai")
+    return engine_args.ChatSettings(
+        chat_template=template,
+        content_format=fmt,
+        enable_auto_tools=auto,
+        tool_parser=parser,
+        reasoning_parser=reasoning_parser,
+        default_chat_template_kwargs=settings.get("DEFAULT_CHAT_TEMPLATE_KWARGS"),
+        trust_request_chat_template=bool(settings.get("TRUST_REQUEST_CHAT_TEMPLATE", False)),
+        exclude_tools_when_tool_choice_none=bool(settings.get("EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", False)),
+    )
 
 
 if __name__ == "__main__":

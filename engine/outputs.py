@@ -3,19 +3,22 @@ included (the output side, as vLLM's own `output_processor.py` is)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from vllm_gateway.engine.chat import ChoiceParser
 from vllm_gateway.engine.inputs import Rendered
 from vllm_gateway.protocol.messages import Delta, Generate, TokenLogprob
 
 
 class OutputBuilder:
     """One request's outputs: a `Delta` per choice per step; the prompt (and its
-    logprobs) on the first, when the gateway asked for it. Collects the finish
-    reasons for the engine's metrics."""
+    logprobs) on the first, when the gateway asked for it. A chat request whose
+    output vLLM's parsers read (tools, reasoning) has one parser per choice.
+    Collects the finish reasons for the engine's metrics."""
 
-    def __init__(self, req: Generate, rendered: Rendered, tokenizer: Any) -> None:
+    def __init__(self, req: Generate, rendered: Rendered, tokenizer: Any,
+                 parsers: Callable[[], ChoiceParser] | None = None) -> None:
         self.req = req
         self.rendered = rendered
         self.tokenizer = tokenizer
@@ -24,13 +27,17 @@ class OutputBuilder:
         self.want_logprobs = req.params.logprobs is not None
         self.reasons: list[str] = []
         self._first = True
+        self._new_parser = parsers
+        self._parsers: dict[int, ChoiceParser] = {}
+        # Hidden reasoning hides its tokens' logprobs too (as vLLM does).
+        chat = rendered.chat
+        if parsers is not None and chat is not None and not chat.request.include_reasoning:
+            self.want_logprobs = False
 
     def deltas(self, out: Any) -> list[Delta]:
         rid = self.req.request_id
         result = []
         for c in out.outputs:
-            if c.finish_reason is not None:
-                self.reasons.append(c.finish_reason)
             delta = Delta(
                 request_id=rid,
                 index=c.index,
@@ -41,12 +48,31 @@ class OutputBuilder:
                 stop_reason=c.stop_reason,
                 logprobs=sample_logprobs(c.token_ids, c.logprobs, self.k) if self.want_logprobs else None,
             )
+            if self._new_parser is not None:
+                self._parse(delta)
+            if delta.finish_reason is not None:
+                self.reasons.append(delta.finish_reason)
             if self._first:
                 self._first = False
                 if self.req.return_prompt:
                     self._add_prompt(delta, out)
             result.append(delta)
         return result
+
+    def _parse(self, delta: Delta) -> None:
+        """The delta's text through its choice's parser: content, reasoning, tool calls."""
+        parser = self._parsers.get(delta.index)
+        if parser is None:
+            assert self._new_parser is not None
+            parser = self._parsers[delta.index] = self._new_parser()
+        finished = delta.finish_reason is not None
+        parsed = parser.step(delta.text, delta.token_ids, finished)
+        delta.text = parsed.content
+        delta.reasoning = parsed.reasoning or None
+        delta.tool_calls = parsed.tool_calls
+        if finished:
+            delta.finish_reason = parser.finish_reason(delta.finish_reason)
+            delta.reasoning_tokens = parser.reasoning_tokens()
 
     def _add_prompt(self, delta: Delta, out: Any) -> None:
         ids = self.rendered.prompt_ids

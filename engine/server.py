@@ -22,12 +22,14 @@ import zmq
 import zmq.asyncio
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError
-from vllm.inputs import TokensPrompt as VllmTokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from vllm_gateway.engine.inputs import BadRequest, InputRenderer
+from vllm_gateway.engine.args import ChatSettings
+from vllm_gateway.engine.chat import ChatRenderer
+from vllm_gateway.engine.failures import BadRequest
+from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
 from vllm_gateway.engine.stats import RequestStats
 from vllm_gateway.protocol.metrics import EngineMetrics
@@ -64,7 +66,7 @@ class EngineConfig:
     served_model_name: str
     endpoint: str
     engine_id: str = "0"
-    chat_template: str | None = None
+    chat: ChatSettings = dataclasses.field(default_factory=ChatSettings)
     keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
 
 
@@ -101,6 +103,7 @@ class EngineServer:
         self.max_model_len = 0
         self.tokenizer: Any = None
         self.inputs: InputRenderer | None = None
+        self.chat: ChatRenderer | None = None
         self.load = Load()
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
@@ -123,7 +126,9 @@ class EngineServer:
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])
         self.max_model_len = self.llm.model_config.max_model_len
         self.tokenizer = self.llm.get_tokenizer()
-        self.inputs = InputRenderer(self.tokenizer, self.max_model_len, self.config.chat_template)
+        self.chat = ChatRenderer(self.llm, self.config.chat)
+        self.chat.warmup()
+        self.inputs = InputRenderer(self.tokenizer, self.max_model_len, self.chat)
         log.info(
             "engine %s ready in %.1f s: model %s, max_model_len %d",
             self.config.engine_id, time.monotonic() - started,
@@ -305,10 +310,17 @@ class EngineServer:
         stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
         try:
             rendered = await self.inputs.render(req)
-            builder = OutputBuilder(req, rendered, self.tokenizer)
+            chat, kwargs, parsers = rendered.chat, {}, None
+            if chat is not None:
+                kwargs = self.chat.reasoning_kwargs(chat)
+                if self.chat.wants_parser(chat.request):
+                    stream = req.prompt.stream  # type: ignore[union-attr]
+                    parsers = lambda: self.chat.output_parser(chat, stream)  # noqa: E731
+            if rendered.params.structured_outputs is not None:
+                self._verify_structured_outputs(rendered.params, req)
+            builder = OutputBuilder(req, rendered, self.tokenizer, parsers)
             core_stats = None
-            prompt = VllmTokensPrompt(prompt_token_ids=rendered.prompt_ids)
-            async for out in self.llm.generate(prompt, rendered.params, rid):
+            async for out in self.llm.generate(rendered.engine_input, rendered.params, rid, **kwargs):
                 stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs))
                 core_stats = out.metrics
                 for delta in builder.deltas(out):
@@ -338,9 +350,32 @@ class EngineServer:
             self.owner.pop(rid, None)
             self.stats.pop(rid, None)
 
+    def _verify_structured_outputs(self, params: Any, req: Generate) -> None:
+        """vLLM's own check of a constraint (the schema, regex or grammar compiles
+        for the structured-output backend), here so that its failure names the
+        request field it came from. vLLM checks again in `generate`."""
+        assert self.llm is not None
+        config = self.llm.vllm_config
+        so = req.params.structured_outputs
+        origin = so.origin if so is not None else "tools"
+        try:
+            params.verify(config.model_config, config.speculative_config, config.structured_outputs_config,
+                          self.tokenizer)
+        except (ValueError, TypeError, VLLMClientError) as e:
+            raise BadRequest(f"{origin}: {e.args[0] if e.args else e}", origin) from None
+
 
 def supported_engine_args() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def engine_arg_parser() -> Any:
+    """vLLM's own parser of its engine arguments (`vllm serve`'s engine flags)."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm-gateway engine")
+    AsyncEngineArgs.add_cli_args(parser)
+    return parser
 
 
 def serve(config: EngineConfig) -> int:

@@ -26,7 +26,11 @@ import msgspec
 
 from vllm_gateway.protocol.metrics import EngineMetrics
 
-PROTOCOL_VERSION = 2  # 1: before versioning (failures carried an HTTP status)
+# 1: before versioning (failures carried an HTTP status); 2: failure kinds;
+# 3: structured outputs, chat requests rendered by vLLM (tools, reasoning), parsed
+#    deltas, tokenize/detokenize. A version-2 engine would ignore a constraint it
+#    does not know and answer unconstrained: hence a new version, not just fields.
+PROTOCOL_VERSION = 3
 
 # --------------------------------------------------------------------------- prompt
 
@@ -45,17 +49,46 @@ class TokensPrompt(msgspec.Struct, tag="tokens", array_like=True):
 
 
 class ChatPrompt(msgspec.Struct, tag="chat", array_like=True, omit_defaults=True):
-    """OpenAI chat messages; the engine renders them with the chat template."""
+    """An OpenAI chat request's prompt side; the engine renders it with vLLM's
+    renderer (chat template, content formats, tools) and parses the output with
+    vLLM's tool and reasoning parsers."""
 
-    # Each message is passed to the chat template as it is (role, content, name,
-    # tool_calls, ...); content parts are already flattened to text by the gateway.
+    # OpenAI messages as the client sent them (content parts included), with
+    # their known fields checked by the gateway.
     messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI function tools and tool_choice ("none", "auto", "required" or
+    # {"type": "function", "function": {"name": ...}}), as the client sent them.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True
+    reasoning_effort: str | None = None
+    # False: the client reads the whole answer at once, so the engine parses the
+    # whole output when it ends (vLLM's non-streaming parse), not piece by piece.
+    stream: bool = True
 
 
 Prompt = Union[TextPrompt, TokensPrompt, ChatPrompt]
+
+
+class StructuredOutputs(msgspec.Struct, omit_defaults=True):
+    """vLLM's `StructuredOutputsParams`: one constraint (json, regex, choice,
+    grammar, json_object or structural_tag) and its options. `origin` names the
+    request field it came from, for the error when vLLM refuses it."""
+
+    json: str | None = None  # a JSON schema, as JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None  # as JSON text
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    origin: str = "structured_outputs"
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
@@ -85,6 +118,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 # ------------------------------------------------------------- gateway -> engine
@@ -126,8 +160,22 @@ class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
     top: list[tuple[str, float, int]] = []
 
 
+class ToolCallDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A piece of one tool call of a choice, as vLLM's tool parsers stream it:
+    `id` and `name` come first (once), `arguments` text after, in pieces."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """New output of one choice (`index`) of one request since the last delta."""
+    """New output of one choice (`index`) of one request since the last delta.
+
+    For a chat request, `text` is the answer's content only: vLLM's parsers in
+    the engine have moved the model's reasoning to `reasoning` and its tool
+    calls to `tool_calls`."""
 
     request_id: str
     index: int
@@ -142,6 +190,10 @@ class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     prompt_text: str | None = None
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    # With a reasoning parser: the choice's reasoning tokens so far (usage details).
+    reasoning_tokens: int | None = None
 
 
 class Outputs(msgspec.Struct, tag="out", array_like=True, gc=False):

@@ -26,6 +26,7 @@ from vllm_gateway.protocol.messages import (
     Abort,
     EngineMetrics,
     Delta,
+    ToolCallDelta,
     PROTOCOL_VERSION,
     EngineStatus,
     FailureKind,
@@ -63,19 +64,43 @@ def merge(deltas: list[Delta]) -> list[Delta]:
 
 
 def _joined(group: list[Delta]) -> Delta:
-    """Consecutive deltas of one choice as one (texts and tokens joined once)."""
+    """Consecutive deltas of one choice as one (texts and tokens joined once;
+    reasoning joined; tool-call pieces joined per tool call)."""
     first, last = group[0], group[-1]
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    reasoning: list[str] = []
+    calls: list[ToolCallDelta] | None = None
     for d in group:
         token_ids += d.token_ids
         if d.logprobs is not None:
             logprobs = (logprobs or []) + d.logprobs
+        if d.reasoning:
+            reasoning.append(d.reasoning)
+        if d.tool_calls:
+            calls = join_tool_calls(calls or [], d.tool_calls)
     return Delta(
         first.request_id, first.index, "".join([d.text for d in group]), token_ids,
         last.num_prompt_tokens, last.finish_reason, last.stop_reason, logprobs,
         first.prompt_text, first.prompt_token_ids, first.prompt_logprobs,
+        "".join(reasoning) or None, calls, last.reasoning_tokens,
     )
+
+
+def join_tool_calls(into: list[ToolCallDelta], pieces: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Tool-call pieces added to `into` (a new list): pieces of a tool call
+    already there extend it (its id and name kept, arguments appended), others
+    are added, in order of index. What a client reassembles is unchanged."""
+    out = {c.index: ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in into}
+    for p in pieces:
+        have = out.get(p.index)
+        if have is None:
+            out[p.index] = ToolCallDelta(p.index, p.id, p.name, p.arguments)
+        else:
+            have.id = have.id or p.id
+            have.name = have.name or p.name
+            have.arguments += p.arguments
+    return [out[i] for i in sorted(out)]
 
 
 class RequestStream:

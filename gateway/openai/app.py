@@ -200,6 +200,8 @@ class SSEResponse:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
             try:
                 while (chunks := await run.next_batch()) is not None:
+                    if not chunks:
+                        continue
                     metrics.HTTP_BATCHES.inc()
                     await send({"type": "http.response.body", "body": b"".join([sse(c) for c in chunks]),
                                 "more_body": True})

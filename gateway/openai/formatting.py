@@ -13,7 +13,8 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from vllm_gateway.protocol.messages import Delta, TokenLogprob
+from vllm_gateway.gateway.engines.client import join_tool_calls
+from vllm_gateway.protocol.messages import Delta, TokenLogprob, ToolCallDelta
 from vllm_gateway.gateway.openai.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -26,6 +27,11 @@ from vllm_gateway.gateway.openai.schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    CompletionTokensDetails,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     TopLogprob,
     Usage,
     json_encode,
@@ -70,6 +76,7 @@ class Book:
         self.total_choices = n * len(request_ids)
         self.prompt_tokens: dict[str, int] = {}
         self.completion_tokens = 0
+        self.reasoning_tokens: dict[int, int] | None = None  # per choice, with a reasoning parser
         self.seen: set[int] = set()
 
     def account(self, d: Delta) -> tuple[int, bool]:
@@ -77,6 +84,10 @@ class Book:
         idx = self.base[d.request_id] + d.index
         self.prompt_tokens[d.request_id] = d.num_prompt_tokens
         self.completion_tokens += len(d.token_ids)
+        if d.reasoning_tokens is not None:
+            if self.reasoning_tokens is None:
+                self.reasoning_tokens = {}
+            self.reasoning_tokens[idx] = d.reasoning_tokens
         first = idx not in self.seen
         if first:
             self.seen.add(idx)
@@ -84,7 +95,10 @@ class Book:
 
     def usage(self) -> Usage:
         p = sum(self.prompt_tokens.values())
-        return Usage(p, self.completion_tokens, p + self.completion_tokens)
+        details = None
+        if self.reasoning_tokens is not None:
+            details = CompletionTokensDetails(sum(self.reasoning_tokens.values()))
+        return Usage(p, self.completion_tokens, p + self.completion_tokens, details)
 
 
 def _utf8(token: str) -> list[int]:
@@ -101,6 +115,14 @@ def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
     ])
 
 
+def _delta_tool_calls(calls: list[ToolCallDelta]) -> list[DeltaToolCall]:
+    return [
+        DeltaToolCall(c.index, c.id, "function" if c.id else None,
+                      DeltaFunctionCall(c.name, c.arguments if (c.arguments or c.name) else None))
+        for c in calls
+    ]
+
+
 class ChatFormatter:
     def __init__(self, request_id: str, n: int, model: str, role: str, *, continuous_usage: bool = False) -> None:
         self.book = Book([request_id], n, model, "chatcmpl")
@@ -108,6 +130,8 @@ class ChatFormatter:
         self.continuous_usage = continuous_usage
         # Non-streaming accumulation.
         self.texts = [""] * n
+        self.reasoning: list[list[str]] = [[] for _ in range(n)]
+        self.tool_calls: list[list[ToolCallDelta]] = [[] for _ in range(n)]
         self.logprobs: list[list[ChatTokenLogprob] | None] = [None] * n
         self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * n
 
@@ -123,8 +147,16 @@ class ChatFormatter:
         out = []
         for d in deltas:
             idx, _ = self.book.account(d)
+            if not (d.text or d.reasoning or d.tool_calls or d.finish_reason or d.logprobs):
+                continue  # tokens a parser holds back (tool-call markup, say): counted, not sent
             lp = chat_logprobs(d.logprobs) if d.logprobs is not None else None
-            choice = ChatChunkChoice(idx, ChatDelta(content=d.text), lp, d.finish_reason, d.stop_reason)
+            parsed = d.reasoning is not None or d.tool_calls is not None
+            delta = ChatDelta(
+                content=d.text if d.text or not parsed else None,
+                reasoning=d.reasoning,
+                tool_calls=_delta_tool_calls(d.tool_calls) if d.tool_calls else None,
+            )
+            choice = ChatChunkChoice(idx, delta, lp, d.finish_reason, d.stop_reason)
             out.append(self._chunk([choice], self.book.usage() if self.continuous_usage else None))
         return out
 
@@ -135,16 +167,27 @@ class ChatFormatter:
         for d in deltas:
             idx, _ = self.book.account(d)
             self.texts[idx] += d.text
+            if d.reasoning:
+                self.reasoning[idx].append(d.reasoning)
+            if d.tool_calls:
+                self.tool_calls[idx] = join_tool_calls(self.tool_calls[idx], d.tool_calls)
             if d.logprobs is not None:
                 self.logprobs[idx] = (self.logprobs[idx] or []) + chat_logprobs(d.logprobs).content
             if d.finish_reason is not None:
                 self.finish[idx] = (d.finish_reason, d.stop_reason)
 
+    def message(self, i: int) -> ChatMessage:
+        calls = [ToolCall(c.id or f"chatcmpl-tool-{uuid.uuid4().hex}", FunctionCall(c.name or "", c.arguments))
+                 for c in self.tool_calls[i]]
+        text = self.texts[i]
+        return ChatMessage(self.role, text if text or not calls else None,
+                           "".join(self.reasoning[i]) if self.reasoning[i] else None, calls)
+
     def response(self) -> ChatCompletion:
         b = self.book
         choices = [
             ChatChoice(
-                i, ChatMessage(self.role, self.texts[i]),
+                i, self.message(i),
                 ChatLogprobs(self.logprobs[i]) if self.logprobs[i] is not None else None,
                 self.finish[i][0], self.finish[i][1],
             )

@@ -41,9 +41,57 @@ class StreamOptions(Struct):
     continuous_usage_stats: bool = False
 
 
-class Sampling(Struct, kw_only=True):
-    """Sampling parameters (OpenAI's and vLLM's extras): shared by chat, completions
-    and RunPod's standard `sampling_params`."""
+class JsonSchemaFormat(Struct, kw_only=True, omit_defaults=True):
+    name: str = "response"
+    description: str | None = None
+    # `schema` on the wire; a field of that name would shadow Struct internals in tools.
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True, omit_defaults=True):
+    """`text`, `json_object`, `json_schema` (OpenAI) or `structural_tag` (vLLM)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+    # structural_tag (vLLM): the rest of the object is the tag's definition.
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+
+
+class StructuredOutputsParam(Struct, kw_only=True, omit_defaults=True):
+    """vLLM's `structured_outputs` request field."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Meta(max_length=4096)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
+class Constraints(Struct, kw_only=True):
+    """Structured outputs, under every name clients send: OpenAI's
+    `response_format`, vLLM's `structured_outputs`, and the `guided_*` fields
+    of older vLLM versions that worker-vllm users still send."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Meta(max_length=4096)] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
+
+
+class Sampling(Constraints, kw_only=True):
+    """Sampling parameters (OpenAI's and vLLM's extras, structured outputs among
+    them): shared by chat, completions and RunPod's standard `sampling_params`."""
 
     n: ChoiceCount = 1
     best_of: ChoiceCount | None = None
@@ -84,24 +132,68 @@ class SamplingFields(Sampling, kw_only=True):
 
 
 class ContentPart(Struct, kw_only=True):
-    """A part of a message's content; only text parts are served."""
+    """A part of a message's content: text, or media (`image_url`, `input_audio`,
+    `video_url`, ...) that vLLM's renderer hands to a model that takes it. Only
+    `type` is checked here; vLLM's request model checks the rest in the engine."""
 
     type: str
-    text: str | None = None
+
+
+# Parts are forwarded as the client sent them, fields and all.
+ContentParts = Annotated[list[dict[str, Any]], Meta(max_length=4096)]
+
+
+class ToolCallFunctionParam(Struct):
+    name: str
+    arguments: str
+
+
+class ToolCallParam(Struct, kw_only=True):
+    """A tool call of an assistant message in the history."""
+
+    id: str
+    type: str = "function"
+    function: ToolCallFunctionParam
 
 
 class ChatMessageParam(Struct, kw_only=True, omit_defaults=True):
-    """One chat message, as the chat template receives it. Fields beyond these
+    """One chat message, as vLLM's renderer receives it. Fields beyond these
     are dropped (as vLLM does), so nothing unchecked reaches the engine."""
 
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | ContentParts | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an earlier answer's reasoning (vLLM's name)
+    reasoning_content: str | None = None  # the other common name for it
 
 
 ChatMessages = Annotated[list[ChatMessageParam], Meta(max_length=MAX_MESSAGES)]
+
+
+class FunctionDefinition(Struct, kw_only=True, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct, kw_only=True):
+    type: str = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: str = "function"
+    function: NamedFunction
+
+
+ToolChoice = Union[str, NamedToolChoice]
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -112,9 +204,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True
+    reasoning_effort: str | None = None
 
 
 # str | list[str] | list[int] | list[list[int]]: msgspec cannot tell list types
@@ -133,10 +227,16 @@ class CompletionRequest(SamplingFields, kw_only=True):
 # ---------------------------------------------------------------------- responses
 
 
-class Usage(Struct):
+class CompletionTokensDetails(Struct):
+    reasoning_tokens: int
+
+
+class Usage(Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # With a reasoning parser (as vLLM reports it).
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class TopLogprob(Struct):
@@ -163,9 +263,22 @@ class CompletionLogprobs(Struct):
     text_offset: list[int]
 
 
-class ChatMessage(Struct, omit_defaults=True):
+class FunctionCall(Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class ChatMessage(Struct):
     role: str
     content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(Struct):
@@ -185,9 +298,25 @@ class ChatCompletion(Struct):
     object: str = "chat.completion"
 
 
+class DeltaFunctionCall(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Struct, omit_defaults=True):
+    """A piece of a tool call: `id`, `type` and the name first, arguments after."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatDelta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(Struct):

@@ -5,9 +5,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from vllm_gateway.gateway.openai.errors import APIError
-from vllm_gateway.protocol.messages import ChatPrompt, Generate, Prompt, SamplingParams, TextPrompt, TokensPrompt
-from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, ChatMessageParam, CompletionRequest, ContentPart, Sampling, SamplingFields
+from vllm_gateway.gateway.openai.schemas import (
+    ChatCompletionRequest,
+    ChatMessageParam,
+    CompletionRequest,
+    Constraints,
+    Sampling,
+    SamplingFields,
+    json_encode,
+)
+from vllm_gateway.protocol.messages import (
+    ChatPrompt,
+    Generate,
+    Prompt,
+    SamplingParams,
+    StructuredOutputs,
+    TextPrompt,
+    TokensPrompt,
+)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256
@@ -75,55 +93,109 @@ def sampling_params(req: Sampling, max_tokens: int | None, logprobs: int | None,
     )
 
 
-def _message_text(content: str | list[ContentPart] | None, i: int) -> str | None:
-    """Flatten OpenAI content parts to the text the chat template expects."""
-    if content is None or isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise APIError(400, f"messages[{i}].content: only text parts are supported, got {part.type!r}",
-                           param=f"messages[{i}].content")
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
 def chat_messages(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
-    """The messages as the chat template takes them: dicts with the fields set."""
+    """The messages as vLLM's renderer takes them: dicts with the fields set,
+    content parts as the client sent them."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out = []
     for i, m in enumerate(messages):
         if not m.role:
             raise APIError(400, f"messages[{i}].role must be a non-empty string", param=f"messages[{i}].role")
-        msg: dict[str, Any] = {"role": m.role, "content": _message_text(m.content, i)}
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_calls is not None:
-            msg["tool_calls"] = m.tool_calls
+            msg["tool_calls"] = msgspec.to_builtins(m.tool_calls)
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
+        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+        if reasoning is not None:
+            msg["reasoning"] = reasoning
         out.append(msg)
     return out
+
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json_encode(value).decode()
+
+
+def structured_outputs(req: Constraints) -> StructuredOutputs | None:
+    """The request's constraint, whichever name it came under: vLLM's
+    `structured_outputs`, overridden by OpenAI's `response_format` (as vLLM
+    does), or one of the older `guided_*` fields. vLLM compiles it in the engine;
+    what it refuses is a 400 naming the field it came from."""
+    so: StructuredOutputs | None = None
+    if req.structured_outputs is not None:
+        s = req.structured_outputs
+        kinds = [k for k in _KINDS if getattr(s, k) not in (None, False)]
+        if len(kinds) > 1:
+            raise APIError(400, "structured_outputs takes one kind of constraint, got " + ", ".join(kinds),
+                           param="structured_outputs")
+        so = StructuredOutputs(
+            json=_json_text(s.json) if s.json is not None else None, regex=s.regex, choice=s.choice,
+            grammar=s.grammar, json_object=s.json_object,
+            structural_tag=_json_text(s.structural_tag) if s.structural_tag is not None else None,
+            disable_any_whitespace=s.disable_any_whitespace,
+            disable_additional_properties=s.disable_additional_properties,
+            whitespace_pattern=s.whitespace_pattern, origin="structured_outputs")
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_object":
+            kind: dict[str, Any] = {"json_object": True}
+        elif rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format.json_schema")
+            kind = {"json": _json_text(rf.json_schema.schema_)}
+        elif rf.type == "structural_tag":
+            kind = {"structural_tag": _json_text(msgspec.to_builtins(rf))}
+        else:
+            raise APIError(400, f"response_format.type must be text, json_object, json_schema or structural_tag, "
+                                f"not {rf.type!r}", param="response_format.type")
+        base = so or StructuredOutputs()
+        so = msgspec.structs.replace(base, **{**{k: None for k in _KINDS}, **kind}, origin="response_format")
+    guided = [(name, value) for name, value in (
+        ("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
+        ("guided_choice", req.guided_choice), ("guided_grammar", req.guided_grammar)) if value is not None]
+    if guided:
+        name, value = guided[0]
+        if len(guided) > 1 or so is not None:
+            other = guided[1][0] if len(guided) > 1 else so.origin  # type: ignore[union-attr]
+            raise APIError(400, f"{name} and {other} both constrain the output; use one", param=name)
+        kind = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar"}[name]
+        so = StructuredOutputs(**{kind: _json_text(value) if kind == "json" else value},
+                               whitespace_pattern=req.guided_whitespace_pattern, origin=name)
+    return so
 
 
 def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
     _stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported yet", param="response_format")
-    if req.tools and req.tool_choice != "none":
-        raise APIError(400, "tool calling is not supported yet", param="tools")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.tools is not None and not req.tools:
+        raise APIError(400, "tools must not be an empty list; leave it out instead", param="tools")
     prompt = ChatPrompt(
         messages=chat_messages(req.messages),
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=req.chat_template_kwargs,
+        tools=msgspec.to_builtins(req.tools) if req.tools is not None else None,
+        tool_choice=msgspec.to_builtins(req.tool_choice) if req.tool_choice is not None else None,
+        parallel_tool_calls=req.parallel_tool_calls,
+        include_reasoning=req.include_reasoning,
+        reasoning_effort=req.reasoning_effort,
+        stream=req.stream,
     )
-    return Generate(request_id, prompt, sampling_params(req, max_tokens, logprobs, None))
+    params = sampling_params(req, max_tokens, logprobs, None)
+    params.structured_outputs = structured_outputs(req)
+    return Generate(request_id, prompt, params)
 
 
 def completion_prompts(prompt: Any, add_special_tokens: bool) -> list[Prompt]:
@@ -156,6 +228,7 @@ def completion_generates(req: CompletionRequest, request_id: str, max_model_len:
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     prompt_logprobs = req.logprobs if (req.echo and req.logprobs is not None) else None
     params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
+    params.structured_outputs = structured_outputs(req)
     prompts = completion_prompts(req.prompt, req.add_special_tokens)
     if max_model_len is not None:
         # Token prompts longer than the context are refused here, before they cross the wire.

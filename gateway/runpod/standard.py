@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from vllm_gateway.gateway.openai.errors import APIError
 from vllm_gateway.gateway.openai.formatting import Book
-from vllm_gateway.gateway.openai.validation import chat_messages, sampling_params
+from vllm_gateway.gateway.openai.validation import chat_messages, sampling_params, structured_outputs
 from vllm_gateway.gateway.runpod.schemas import JobChoice, JobInput, JobOutput, JobSamplingParams, JobUsage
 from vllm_gateway.protocol.messages import ChatPrompt, Delta, Generate, Prompt, TextPrompt
 
@@ -27,7 +27,9 @@ def job_generate(job: JobInput, request_id: str) -> Generate:
             prompt = TextPrompt(job.prompt)
     else:
         raise APIError(400, "the job input needs `prompt` or `messages` (or `openai_route`)", param="prompt")
-    return Generate(request_id, prompt, sampling_params(sp, sp.max_tokens, None, None))
+    params = sampling_params(sp, sp.max_tokens, None, None)
+    params.structured_outputs = structured_outputs(sp)  # `structured_outputs` or the `guided_*` names
+    return Generate(request_id, prompt, params)
 
 
 class JobFormatter:
