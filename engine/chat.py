@@ -98,8 +98,9 @@ class ChatRenderer:
     def warmup(self) -> None:
         self.online.warmup()
 
-    async def render(self, p: ChatPrompt, max_tokens: int | None, structured_outputs: dict | None,
-                     n: int) -> RenderedChat:
+    async def render(self, p: ChatPrompt, structured_outputs: dict | None, n: int) -> RenderedChat:
+        """vLLM's request, checked and rendered. `max_tokens` is left out: the
+        caller checks prompt and answer against the context (`inputs.py`)."""
         body: dict[str, Any] = {
             "messages": p.messages,
             "add_generation_prompt": p.add_generation_prompt,
@@ -112,8 +113,6 @@ class ChatRenderer:
             value = getattr(p, name)
             if value is not None:
                 body[name] = value
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
         if structured_outputs is not None:
             body["structured_outputs"] = structured_outputs
         try:

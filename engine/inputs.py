@@ -73,7 +73,7 @@ class InputRenderer:
             so = msgspec.structs.asdict(p.structured_outputs) if p.structured_outputs is not None else None
             if so is not None:
                 so = {k: v for k, v in so.items() if k != "origin" and v not in (None, False)}
-            chat = await self.chat.render(req.prompt, p.max_tokens, so, p.n)
+            chat = await self.chat.render(req.prompt, so, p.n)
             ids = chat.prompt_ids
             params = sampling_params(p, self.max_tokens(len(ids), p.max_tokens), chat.request.extract_structured_outputs())
             return Rendered(ids, None, params, chat.engine_input, chat)

@@ -39,10 +39,33 @@ def test_chat_defaults_and_fields():
     assert chat().params.max_tokens is None  # engine fills in the room left in the context
 
 
-def test_content_parts_flattened():
-    g = chat_generate(decode_chat_request(msgspec.json.encode({
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})), "r")
-    assert g.prompt.messages[0]["content"] == "a\nb"
+def test_content_parts_reach_vllms_renderer_as_sent():
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    g = chat_generate(decode_chat_request(msgspec.json.encode({"messages": [{"role": "user", "content": parts}]})), "r")
+    assert g.prompt.messages[0]["content"] == parts
+
+
+def _constraint(**kw):
+    return chat_generate(decode_chat_request(msgspec.json.encode({"messages": [{"role": "user", "content": "x"}], **kw})),
+                         "r").params.structured_outputs
+
+
+def test_every_name_of_a_constraint():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    so = _constraint(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+    assert msgspec.json.decode(so.json) == schema and so.origin == "response_format"
+    assert _constraint(response_format={"type": "json_object"}).json_object is True
+    assert _constraint(response_format={"type": "text"}) is None
+    so = _constraint(structured_outputs={"regex": "[a-z]+", "disable_any_whitespace": True})
+    assert (so.regex, so.disable_any_whitespace, so.origin) == ("[a-z]+", True, "structured_outputs")
+    assert msgspec.json.decode(_constraint(structured_outputs={"json": schema}).json) == schema
+    # response_format overrides structured_outputs' constraint and keeps its options (as vLLM)
+    so = _constraint(structured_outputs={"regex": "a", "disable_any_whitespace": True}, response_format={"type": "json_object"})
+    assert so.regex is None and so.json_object and so.disable_any_whitespace
+    for name, value, field in [("guided_json", schema, "json"), ("guided_regex", "x+", "regex"),
+                               ("guided_choice", ["a", "b"], "choice"), ("guided_grammar", "root ::= \"a\"", "grammar")]:
+        so = _constraint(**{name: value})
+        assert so.origin == name and getattr(so, field) == (msgspec.json.encode(value).decode() if field == "json" else value)
 
 
 @pytest.mark.parametrize("kw,param", [
@@ -62,9 +85,15 @@ def test_content_parts_flattened():
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": []}, "messages"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content"),
     ({"messages": "hello"}, "messages"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ({"tools": []}, "tools"),
+    ({"tool_choice": 3}, "tool_choice"),
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
 ])
 def test_chat_rejections_name_the_field(kw, param):

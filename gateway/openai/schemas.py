@@ -131,15 +131,9 @@ class SamplingFields(Sampling, kw_only=True):
 # ----------------------------------------------------------------------- requests
 
 
-class ContentPart(Struct, kw_only=True):
-    """A part of a message's content: text, or media (`image_url`, `input_audio`,
-    `video_url`, ...) that vLLM's renderer hands to a model that takes it. Only
-    `type` is checked here; vLLM's request model checks the rest in the engine."""
-
-    type: str
-
-
-# Parts are forwarded as the client sent them, fields and all.
+# Content parts (text, or media: `image_url`, `input_audio`, `video_url`, ...) are
+# forwarded as the client sent them: vLLM's renderer reads them, and hands media to
+# a model that takes it. Here only each part's `type` is checked (validation.py).
 ContentParts = Annotated[list[dict[str, Any]], Meta(max_length=4096)]
 
 

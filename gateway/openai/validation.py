@@ -102,6 +102,11 @@ def chat_messages(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if not m.role:
             raise APIError(400, f"messages[{i}].role must be a non-empty string", param=f"messages[{i}].role")
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if not isinstance(part.get("type"), str):
+                    raise APIError(400, f"messages[{i}].content[{j}] needs a `type` (text, image_url, ...)",
+                                   param=f"messages[{i}].content")
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name is not None:
             msg["name"] = m.name
