@@ -20,6 +20,7 @@ from vllm_gateway.protocol.messages import (
     ChatPrompt,
     FailureKind,
     Generate,
+    Prompt,
     SamplingParams,
     StructuredOutputs,
     TextPrompt,
@@ -81,6 +82,24 @@ class InputRenderer:
         params = sampling_params(p, self.max_tokens(len(ids), p.max_tokens), structured_outputs(p.structured_outputs))
         return Rendered(ids, text, params, VllmTokensPrompt(prompt_token_ids=ids))
 
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids, as a generation would see them."""
+        if isinstance(prompt, ChatPrompt):
+            return (await self.chat.render(prompt, None, 1)).prompt_ids
+        if isinstance(prompt, TokensPrompt):
+            return list(prompt.token_ids)
+        return await self._tokenize(prompt.text, prompt.add_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self._check_vocab(token_ids, "tokens")
+        return self.tokenizer.decode(token_ids)
+
+    def _check_vocab(self, token_ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = next((t for t in token_ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", param)
+
     def max_tokens(self, num_prompt: int, requested: int | None) -> int:
         limit = self.max_model_len
         if requested is None:
@@ -105,10 +124,7 @@ class InputRenderer:
         p = req.prompt
         tok = self.tokenizer
         if isinstance(p, TokensPrompt):
-            vocab = len(tok)
-            bad = next((t for t in p.token_ids if t < 0 or t >= vocab), None)
-            if bad is not None:
-                raise BadRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", "prompt")
+            self._check_vocab(p.token_ids, "prompt")
             text = tok.decode(p.token_ids) if req.return_prompt else None
             return list(p.token_ids), text
         assert isinstance(p, TextPrompt)

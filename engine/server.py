@@ -20,6 +20,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from vllm import __version__ as VLLM_VERSION
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -38,12 +39,15 @@ from vllm_gateway.protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
     Delta,
+    Detokenize,
     EngineStatus,
     FailureKind,
     Generate,
     Hello,
     Outputs,
     RequestFailed,
+    Tokenize,
+    Tokens,
     decode_gateway_message,
     encode,
 )
@@ -176,6 +180,9 @@ class EngineServer:
             if isinstance(msg, Generate):
                 if ident not in self.incompatible:
                     self._start(ident, msg)
+            elif isinstance(msg, (Tokenize, Detokenize)):
+                if ident not in self.incompatible:
+                    asyncio.create_task(self._tokens(ident, msg))
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     task = self.tasks.get(rid)
@@ -217,6 +224,7 @@ class EngineServer:
             kv_cache_usage=float(load.kv_cache_usage),
             pid=os.getpid(),
             protocol_version=PROTOCOL_VERSION,
+            vllm_version=VLLM_VERSION,
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
@@ -349,6 +357,23 @@ class EngineServer:
             self.tasks.pop(rid, None)
             self.owner.pop(rid, None)
             self.stats.pop(rid, None)
+
+    async def _tokens(self, ident: bytes, msg: Tokenize | Detokenize) -> None:
+        """/tokenize and /detokenize: the prompt as a generation would see it."""
+        assert self.inputs is not None
+        try:
+            if isinstance(msg, Detokenize):
+                answer = Tokens(msg.request_id, text=self.inputs.detokenize(msg.token_ids))
+            else:
+                ids = await self.inputs.tokenize(msg.prompt)
+                strs = self.tokenizer.convert_ids_to_tokens(ids) if msg.return_token_strs else None
+                answer = Tokens(msg.request_id, ids, strs)
+        except BadRequest as e:
+            answer = RequestFailed(msg.request_id, e.kind, str(e), param=e.param)
+        except Exception as e:
+            log.exception("tokenizing %s failed", msg.request_id)
+            answer = RequestFailed(msg.request_id, FailureKind.INTERNAL, f"internal engine error: {e}")
+        self._send(ident, answer)
 
     def _verify_structured_outputs(self, params: Any, req: Generate) -> None:
         """vLLM's own check of a constraint (the schema, regex or grammar compiles

@@ -146,7 +146,23 @@ class Abort(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
 
 
-GatewayMessage = Union[Hello, Generate, Abort]
+class Tokenize(msgspec.Struct, tag="tok", array_like=True, omit_defaults=True):
+    """Tokenize a prompt as a generation would (a chat prompt rendered by vLLM's
+    renderer first). Answered by `Tokens`, or `RequestFailed`."""
+
+    request_id: str
+    prompt: Prompt
+    return_token_strs: bool = False
+
+
+class Detokenize(msgspec.Struct, tag="detok", array_like=True):
+    """Token ids back to text. Answered by `Tokens` (its `text`), or `RequestFailed`."""
+
+    request_id: str
+    token_ids: list[int]
+
+
+GatewayMessage = Union[Hello, Generate, Abort, Tokenize, Detokenize]
 
 
 # ------------------------------------------------------------- engine -> gateway
@@ -222,6 +238,16 @@ class RequestFailed(msgspec.Struct, tag="fail", array_like=True, omit_defaults=T
     param: str | None = None  # the request field at fault, when one is
 
 
+class Tokens(msgspec.Struct, tag="toks", array_like=True, omit_defaults=True):
+    """The answer to `Tokenize` (token ids, and their strings when asked) or to
+    `Detokenize` (`text`)."""
+
+    request_id: str
+    token_ids: list[int] = []
+    token_strs: list[str] | None = None
+    text: str | None = None
+
+
 EngineState = Literal["loading", "ready", "failed", "stopping"]
 
 
@@ -241,9 +267,10 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     error: str = ""
     pid: int = 0  # the engine process, for operators and supervisors
     protocol_version: int = 1  # absent from version-1 engines
+    vllm_version: str = ""  # the engine's vLLM, for GET /version
 
 
-EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics]
+EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens]
 
 
 # --------------------------------------------------------------------------- codec

@@ -26,6 +26,9 @@ from vllm_gateway.protocol.messages import (
     Abort,
     EngineMetrics,
     Delta,
+    Detokenize,
+    Tokenize,
+    Tokens,
     ToolCallDelta,
     PROTOCOL_VERSION,
     EngineStatus,
@@ -185,6 +188,31 @@ class RequestStream:
         return batch
 
 
+class Reply:
+    """The one answer an engine gives to a `Tokenize` or `Detokenize`."""
+
+    __slots__ = ("engine", "_future")
+
+    def __init__(self, engine: "EngineConnection") -> None:
+        self.engine = engine
+        self._future: asyncio.Future[Tokens] = asyncio.get_running_loop().create_future()
+
+    def resolve(self, answer: Tokens) -> None:
+        if not self._future.done():
+            self._future.set_result(answer)
+
+    def fail(self, failure: RequestFailed) -> None:
+        if not self._future.done():
+            self._future.set_exception(StreamFailed(failure))
+
+    async def wait(self, timeout_s: float) -> Tokens:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
+        except asyncio.TimeoutError:
+            raise StreamFailed(RequestFailed("", FailureKind.ENGINE_UNAVAILABLE,
+                                             f"the engine did not answer within {timeout_s:g} s")) from None
+
+
 class StreamFailed(Exception):
     def __init__(self, failure: RequestFailed) -> None:
         super().__init__(failure.message)
@@ -205,7 +233,8 @@ class EngineConnection:
         self.sock.connect(endpoint)
         self.status: EngineStatus | None = None
         self.last_seen = 0.0
-        self.streams: dict[str, RequestStream] = {}
+        # Requests in flight on this engine: streams, and the one-answer requests.
+        self.streams: dict[str, RequestStream | Reply] = {}
         # Requests sent since the engine's last report: counted in routing so a
         # burst spreads over engines before their reports catch up.
         self.unreported = 0
@@ -317,6 +346,24 @@ class EngineClient:
         engine.routed += len(requests)
         return stream
 
+    async def ask(self, msg: Tokenize | Detokenize, timeout_s: float = 30.0) -> Tokens:
+        """Send a one-answer request to the least-loaded ready engine and wait for
+        its answer; a failure raises `StreamFailed`, no engine `NoEngine`."""
+        engine = self._pick()
+        if engine is None:
+            raise NoEngine()
+        try:
+            frame = encode(msg)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise Unencodable(str(e)) from None
+        reply = Reply(engine)
+        engine.streams[msg.request_id] = reply
+        engine.sock.send(frame, copy=False)
+        try:
+            return await reply.wait(timeout_s)
+        finally:
+            engine.streams.pop(msg.request_id, None)
+
     def release(self, stream: RequestStream, *, abort: bool) -> None:
         """Forget a client request; with `abort`, also free its engine slots now
         (the client went away, or the request failed part way)."""
@@ -346,6 +393,10 @@ class EngineClient:
                 self._on_status(engine, msg)
             elif isinstance(msg, EngineMetrics):
                 engine.metrics = msg
+            elif isinstance(msg, Tokens):
+                reply = engine.streams.pop(msg.request_id, None)
+                if isinstance(reply, Reply):
+                    reply.resolve(msg)
             elif isinstance(msg, RequestFailed):
                 stream = engine.streams.pop(msg.request_id, None)
                 if stream is not None:
@@ -355,7 +406,7 @@ class EngineClient:
         streams = engine.streams
         for d in deltas:
             stream = streams.get(d.request_id)
-            if stream is None:
+            if stream is None or isinstance(stream, Reply):
                 continue  # aborted by us; late output
             stream.push(d)
 

@@ -22,15 +22,33 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vllm_gateway.gateway import metrics
+from vllm_gateway.gateway import VERSION, metrics
 from vllm_gateway.gateway.openai import openapi
-from vllm_gateway.gateway.openai.calls import Call, CallRun, ClientGone, model_list, prepare_chat, prepare_completion, ready_engine
+from vllm_gateway.gateway.openai.calls import (
+    Call,
+    CallRun,
+    ClientGone,
+    detokenize,
+    model_list,
+    prepare_chat,
+    prepare_completion,
+    ready_engine,
+    tokenize,
+)
 from vllm_gateway.gateway.config import GatewaySettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
 from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
 from vllm_gateway.protocol.messages import EngineStatus
-from vllm_gateway.gateway.openai.schemas import Health, decode_chat_request, decode_completion_request, json_encode
+from vllm_gateway.gateway.openai.schemas import (
+    Health,
+    Version,
+    decode_chat_request,
+    decode_completion_request,
+    decode_detokenize_request,
+    decode_tokenize_request,
+    json_encode,
+)
 
 log = logging.getLogger("gateway.http")
 
@@ -140,6 +158,23 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         self._check_open()
         return json_response(model_list(self.client))
+
+    async def tokenize(self, request: Request) -> Response:
+        req, engine = await self._decode(request, decode_tokenize_request)
+        return json_response(await self._until_disconnect(request, tokenize(self.client, req, engine)))
+
+    async def detokenize(self, request: Request) -> Response:
+        req, engine = await self._decode(request, decode_detokenize_request)
+        return json_response(await self._until_disconnect(request, detokenize(self.client, req, engine)))
+
+    async def version(self, request: Request) -> Response:
+        return json_response(Version(ready_engine(self.client).vllm_version, VERSION))
+
+    async def ping(self, request: Request) -> Response:
+        """200 while an engine is ready and the server is not draining (vLLM's
+        /ping, for load balancers and SageMaker); 503 otherwise."""
+        ok = self.client.ready and not self.draining
+        return Response(b"{}", status_code=200 if ok else 503, media_type=JSON)
 
     async def health(self, request: Request) -> Response:
         """200 while at least one engine is ready and the server is not draining;
@@ -253,7 +288,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> Starlette:
     gw = Gateway(settings, client)
-    spec = json_encode(openapi.document())
+    spec = json_encode(openapi.document(VERSION))
 
     async def openapi_json(request: Request) -> Response:
         return Response(spec, media_type=JSON)
@@ -270,6 +305,10 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
         "/v1/chat/completions": gw.chat_completions,
         "/v1/completions": gw.completions,
         "/v1/models": gw.models,
+        "/tokenize": gw.tokenize,
+        "/detokenize": gw.detokenize,
+        "/version": gw.version,
+        "/ping": gw.ping,
         "/health": gw.health,
         "/metrics": _metrics,
         "/openapi.json": openapi_json,

@@ -14,13 +14,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import msgspec
+
 from vllm_gateway.gateway.openai import validation
 from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
 from vllm_gateway.gateway.openai.errors import APIError, from_failure
 from vllm_gateway.gateway.metrics import TTFT
 from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter, Formatter
-from vllm_gateway.protocol.messages import Delta, EngineStatus, Generate
-from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from vllm_gateway.gateway.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from vllm_gateway.protocol.messages import (
+    ChatPrompt,
+    Delta,
+    Detokenize,
+    EngineStatus,
+    Generate,
+    Prompt,
+    TextPrompt,
+    Tokenize,
+    Tokens,
+)
 
 
 @dataclasses.dataclass
@@ -69,6 +90,44 @@ def ready_engine(client: EngineClient) -> EngineStatus:
 def model_list(client: EngineClient) -> ModelList:
     status = ready_engine(client)
     return ModelList([ModelCard(status.model, int(time.time()), max_model_len=status.max_model_len)])
+
+
+async def tokenize(client: EngineClient, req: TokenizeRequest, engine: EngineStatus) -> TokenizeResponse:
+    """`POST /tokenize`: the prompt's tokens as a generation of it would see them."""
+    validation.check_model(req.model, engine.model)
+    prompt: Prompt
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either `prompt` or `messages`", param="prompt")
+    if req.messages is not None:
+        prompt = ChatPrompt(
+            validation.chat_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
+            tools=msgspec.to_builtins(req.tools) if req.tools else None,
+            tool_choice="none" if req.tools else None,  # tools in the template; no tool parser needed
+        )
+        param = "messages"
+    else:
+        prompt = TextPrompt(req.prompt or "", True if req.add_special_tokens is None else req.add_special_tokens)
+        param = "prompt"
+    answer = await _ask(client, Tokenize(f"tok-{uuid.uuid4().hex}", prompt, req.return_token_strs), param)
+    return TokenizeResponse(len(answer.token_ids), engine.max_model_len, answer.token_ids, answer.token_strs)
+
+
+async def detokenize(client: EngineClient, req: DetokenizeRequest, engine: EngineStatus) -> DetokenizeResponse:
+    validation.check_model(req.model, engine.model)
+    answer = await _ask(client, Detokenize(f"detok-{uuid.uuid4().hex}", list(req.tokens)), "tokens")
+    return DetokenizeResponse(answer.text or "")
+
+
+async def _ask(client: EngineClient, msg: Tokenize | Detokenize, param: str) -> Tokens:
+    try:
+        return await client.ask(msg)
+    except NoEngine:
+        raise no_engine() from None
+    except Unencodable as e:
+        raise APIError(400, f"the request holds a value out of range ({e})", param=param) from None
+    except StreamFailed as e:
+        raise from_failure(e.failure, param) from None
 
 
 def submit(client: EngineClient, call: Call) -> RequestStream:

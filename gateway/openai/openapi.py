@@ -15,9 +15,14 @@ from vllm_gateway.gateway.openai.schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Version,
 )
 
 JSON = "application/json"
@@ -46,6 +51,14 @@ OPERATIONS = (
     Operation("get", "/v1/models", "The models served", answer=ModelList, errors=(503,)),
     Operation("get", "/health", "200 while an engine is ready; 503 (same body) otherwise or while draining",
               answer=Health, errors=(503,)),
+    Operation("post", "/tokenize", "Tokenize a `prompt`, or `messages` as a chat request renders them (vLLM's route)",
+              TokenizeRequest, TokenizeResponse, errors=(400, 404, 408, 413, 415, 503)),
+    Operation("post", "/detokenize", "Token ids back to text (vLLM's route)", DetokenizeRequest, DetokenizeResponse,
+              errors=(400, 404, 408, 413, 415, 503)),
+    Operation("get", "/version", "The engines' vLLM version (and this gateway's)", answer=Version, errors=(503,)),
+    Operation("get", "/ping", "200 while an engine is ready (load balancers, SageMaker); 503 otherwise",
+              other=JSON, errors=(503,)),
+    Operation("post", "/ping", "As GET /ping", other=JSON, errors=(503,)),
     Operation("get", "/metrics", "Prometheus metrics", other="text/plain"),
     Operation("get", "/openapi.json", "This document", other=JSON),
 )

@@ -218,7 +218,43 @@ class CompletionRequest(SamplingFields, kw_only=True):
     add_special_tokens: bool = True
 
 
+class TokenizeRequest(Struct, kw_only=True):
+    """`POST /tokenize` as vLLM takes it: a completion-style `prompt`, or a
+    chat-style `messages` (rendered as a chat request would be)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: ChatMessages | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    model: str | None = None
+    tokens: Annotated[list[TokenId], Meta(max_length=1_000_000)]
+
+
 # ---------------------------------------------------------------------- responses
+
+
+class TokenizeResponse(Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
+
+
+class Version(Struct):
+    version: str  # the engines' vLLM, as `vllm serve` answers
+    vllm_gateway: str
 
 
 class CompletionTokensDetails(Struct):
@@ -394,6 +430,8 @@ class ErrorResponse(Struct):
 json_encode = msgspec.json.Encoder().encode
 decode_chat_request = msgspec.json.Decoder(ChatCompletionRequest).decode
 decode_completion_request = msgspec.json.Decoder(CompletionRequest).decode
+decode_tokenize_request = msgspec.json.Decoder(TokenizeRequest).decode
+decode_detokenize_request = msgspec.json.Decoder(DetokenizeRequest).decode
 
 
 def chat_request_from_dict(obj: Any) -> ChatCompletionRequest:
@@ -403,3 +441,11 @@ def chat_request_from_dict(obj: Any) -> ChatCompletionRequest:
 
 def completion_request_from_dict(obj: Any) -> CompletionRequest:
     return msgspec.convert(obj, CompletionRequest)
+
+
+def tokenize_request_from_dict(obj: Any) -> TokenizeRequest:
+    return msgspec.convert(obj, TokenizeRequest)
+
+
+def detokenize_request_from_dict(obj: Any) -> DetokenizeRequest:
+    return msgspec.convert(obj, DetokenizeRequest)

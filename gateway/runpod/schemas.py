@@ -14,7 +14,7 @@ from msgspec import Meta, Struct
 
 from vllm_gateway.gateway.openai.schemas import ChatMessages, PositiveInt, Sampling
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize")
 
 GrowthFactor = Annotated[float, Meta(ge=1.0)]
 

@@ -27,13 +27,27 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm_gateway.gateway import metrics
-from vllm_gateway.gateway.openai.calls import Call, CallRun, model_list, prepare_chat, prepare_completion, ready_engine
+from vllm_gateway.gateway.openai.calls import (
+    Call,
+    CallRun,
+    detokenize,
+    model_list,
+    prepare_chat,
+    prepare_completion,
+    ready_engine,
+    tokenize,
+)
 from vllm_gateway.gateway.config import RunPodSettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
 from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
 from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
-from vllm_gateway.gateway.openai.schemas import chat_request_from_dict, completion_request_from_dict
+from vllm_gateway.gateway.openai.schemas import (
+    chat_request_from_dict,
+    completion_request_from_dict,
+    detokenize_request_from_dict,
+    tokenize_request_from_dict,
+)
 from vllm_gateway.gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
 
 log = logging.getLogger("gateway.runpod")
@@ -136,6 +150,13 @@ class JobHandler:
             return
         engine = ready_engine(client)
         model = engine.model
+        if job.openai_route == "/tokenize":
+            yield to_builtins(await tokenize(client, decode_or_400(tokenize_request_from_dict, body, "openai_input"), engine))
+            return
+        if job.openai_route == "/detokenize":
+            yield to_builtins(await detokenize(client, decode_or_400(detokenize_request_from_dict, body, "openai_input"),
+                                               engine))
+            return
         if job.openai_route == "/v1/chat/completions":
             call = prepare_chat(decode_or_400(chat_request_from_dict, body, "openai_input"),
                                 model, self.settings.response_role)
