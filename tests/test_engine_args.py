@@ -88,3 +88,55 @@ def test_cpu_engines_get_their_own_cores():
 def test_ray_engine_spans_nodes():
     [slot] = plan_engines({"DISTRIBUTED_EXECUTOR_BACKEND": "ray", "PIPELINE_PARALLEL_SIZE": "2"}, [], "/r", gpus=list("01"))
     assert slot.env == {}
+
+
+# ------------------------------------------------ every vLLM engine argument by its variable
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    pytest.importorskip("vllm")
+    from vllm_gateway.engine.server import engine_arg_parser
+
+    return engine_arg_parser
+
+
+def test_any_engine_argument_from_its_variable(vllm_parser):
+    from vllm_gateway.engine.args import vllm_args
+
+    env = {
+        "LONG_PREFILL_TOKEN_THRESHOLD": "4096",
+        "SPECULATIVE_CONFIG": '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}',
+        "KV_TRANSFER_CONFIG": '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}',
+        "ENABLE_EXPERT_PARALLEL": "1",
+        "ENABLE_CHUNKED_PREFILL": "false",  # an on/off flag turned off
+        "LIMIT_MM_PER_PROMPT": '{"image": 2}',
+        "REASONING_PARSER": "qwen3",
+        "MAX_MODEL_LEN": "999",  # a worker-vllm setting: read by `collect`, not here
+        "LOG_LEVEL": "DEBUG", "MASTER_PORT": "29500",  # others' variables: never engine arguments
+        "VLLM_EXTRA_ARGS": "--max-num-seqs 7 --block-size=32",
+    }
+    got = vllm_args(env, ["--max-logprobs", "5"], vllm_parser())
+    assert got["long_prefill_token_threshold"] == 4096 and got["enable_expert_parallel"] is True
+    assert got["enable_chunked_prefill"] is False
+    assert got["speculative_config"]["num_speculative_tokens"] == 3
+    assert got["kv_transfer_config"].kv_role == "kv_both" if hasattr(got["kv_transfer_config"], "kv_role") \
+        else got["kv_transfer_config"]["kv_role"] == "kv_both"
+    assert got["limit_mm_per_prompt"] == {"image": 2} and got["reasoning_parser"] == "qwen3"
+    assert got["max_num_seqs"] == 7 and got["block_size"] == 32 and got["max_logprobs"] == 5
+    assert "max_model_len" not in got and "log_level" not in got and "master_port" not in got
+
+
+def test_a_value_vllm_refuses_names_its_variable(vllm_parser):
+    from vllm_gateway.engine.args import vllm_args
+
+    with pytest.raises(ValueError, match=r"^LONG_PREFILL_TOKEN_THRESHOLD='lots'"):
+        vllm_args({"LONG_PREFILL_TOKEN_THRESHOLD": "lots"}, [], vllm_parser())
+    with pytest.raises(ValueError, match=r"^SPECULATIVE_CONFIG="):
+        vllm_args({"SPECULATIVE_CONFIG": "{not json"}, [], vllm_parser())
+    with pytest.raises(ValueError, match=r"^ENABLE_EXPERT_PARALLEL="):
+        vllm_args({"ENABLE_EXPERT_PARALLEL": "perhaps"}, [], vllm_parser())
+    with pytest.raises(ValueError, match=r"^SCHEDULING_POLICY='random'.*invalid choice"):
+        vllm_args({"SCHEDULING_POLICY": "random"}, [], vllm_parser())
+    with pytest.raises(ValueError, match="VLLM_EXTRA_ARGS or the command line"):
+        vllm_args({"VLLM_EXTRA_ARGS": "--no-such-flag"}, [], vllm_parser())

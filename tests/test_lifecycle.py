@@ -153,3 +153,15 @@ def test_engine_refuses_the_requests_of_a_gateway_of_another_version(engine_endp
     finally:
         sock.close()
         ctx.term()
+
+
+def test_engine_refuses_a_value_vllm_refuses(run_dir):
+    """Any vLLM engine argument may come from its variable; one vLLM's own parser
+    refuses stops the engine at start-up (exit 2), naming the variable."""
+    proc = Proc("engine-bad-vllm-arg", ["vllm_gateway.engine", "--endpoint", f"ipc://{run_dir}/bad-arg"],
+                child_env(SCHEDULING_POLICY="random"), run_dir)
+    try:
+        assert proc.popen.wait(180) == 2
+    finally:
+        proc.stop()
+    assert "SCHEDULING_POLICY='random'" in proc.tail()
