@@ -150,6 +150,53 @@ def test_raw_batches_never_split_characters(queue, worker):
     assert "\ufffd" not in text and all("\ufffd" not in o for o in outputs)
 
 
+def test_openai_tool_call_stream_in_whole_events(queue, worker, client):
+    """A named tool call streamed through RunPod's batches: every batch holds whole
+    SSE events, and the pieces reassemble to the non-streamed call."""
+    from test_structured_and_tools import ASK, WEATHER
+
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 60, "temperature": 0, "tools": [WEATHER],
+            "tool_choice": choice, "stream": True}
+    outputs, _ = run(queue, worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    chunks = [json.loads(e) for o in outputs for e in events(o) if e != "[DONE]"]
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for tc in c["choices"][0]["delta"].get("tool_calls", []) if c["choices"] else []:
+            call = calls.setdefault(tc["index"], {"name": None, "arguments": ""})
+            call["name"] = call["name"] or tc.get("function", {}).get("name")
+            call["arguments"] += tc.get("function", {}).get("arguments") or ""
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                           tools=[WEATHER], tool_choice=choice)
+    [ref] = whole.choices[0].message.tool_calls
+    assert list(calls.values()) == [{"name": "get_weather", "arguments": ref.function.arguments}]
+    assert json.loads(ref.function.arguments).keys() == {"city"}
+
+
+def test_openai_structured_output_and_tokenize(queue, worker):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 20, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}
+    _, result = run(queue, worker, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    [response] = result["output"]
+    assert json.loads(response["choices"][0]["message"]["content"]).keys() == {"ok"}
+    _, result = run(queue, worker, {"openai_route": "/tokenize", "openai_input": {"prompt": "Hello world"}})
+    [tokens] = result["output"]
+    assert tokens["count"] == 2
+    _, result = run(queue, worker, {"openai_route": "/detokenize", "openai_input": {"tokens": tokens["tokens"]}})
+    assert result["output"] == [{"prompt": "Hello world"}]
+
+
+def test_standard_structured_outputs_and_guided_names(queue, worker):
+    for sp in ({"structured_outputs": {"regex": "[0-9]{4}"}}, {"guided_regex": "[0-9]{4}"}):
+        _, result = run(queue, worker, {"prompt": "The year is", "sampling_params": {"max_tokens": 10, **sp}})
+        [out] = result["output"]
+        assert len(out["choices"][0]["tokens"][0]) == 4 and out["choices"][0]["tokens"][0].isdigit(), out
+    _, result = run(queue, worker, {"prompt": "x", "sampling_params": {"guided_regex": "[0-9"}})
+    assert job_error(result)["param"] == "guided_regex"
+
+
 # ------------------------------------------------------------------- standard mode
 
 
