@@ -97,16 +97,17 @@ def test_openapi_document_lists_every_route(http):
     doc = http.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                 "/metrics", "/openapi.json"}
+                                 "/metrics", "/openapi.json", "/tokenize", "/detokenize", "/version", "/ping"}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     request = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     props = doc["components"]["schemas"][request]["properties"]
-    assert {"messages", "temperature", "n", "stop", "stream", "max_tokens"} <= set(props)
+    assert {"messages", "temperature", "n", "stop", "stream", "max_tokens", "tools", "tool_choice",
+            "response_format", "structured_outputs", "guided_json"} <= set(props)
     assert props["n"]["maximum"] == 128
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/health"])
+@pytest.mark.parametrize("path", ["/v1/models", "/health", "/version"])
 def test_documented_answers_match(http, path):
     """The GET routes' answers validate against the document (schemathesis' own check)."""
     schema = schemathesis.openapi.from_url(str(http.base_url) + "/openapi.json")

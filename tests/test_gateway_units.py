@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, Proc, child_env, free_port, wait_healthy
 from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, StreamFailed
 from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter
+from vllm_gateway.gateway.openai.schemas import json_encode
 from vllm_gateway.gateway.supervisor import launcher
 from vllm_gateway.protocol.messages import PROTOCOL_VERSION, Delta, EngineStatus, Generate, SamplingParams, TextPrompt, TokenLogprob
 
@@ -42,6 +43,42 @@ def test_chat_chunks_usage_and_whole_answer():
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
     assert [t.logprob for t in r.choices[0].logprobs.content] == [-0.5, -9999.0]  # clamped as OpenAI does
     assert r.choices[0].logprobs.content[0].bytes == list(b"Hel")
+
+
+def test_tool_call_pieces_merge_and_format_as_openai_deltas():
+    """A lagging reader's merged deltas (and a non-streamed answer) join the
+    pieces of each tool call: id and name kept from the first, arguments in order."""
+    from vllm_gateway.gateway.engines.client import merge
+    from vllm_gateway.protocol.messages import ToolCallDelta
+
+    pieces = [
+        Delta("r", 0, "", [1], 5, reasoning="Let me "),
+        Delta("r", 0, "", [2], 5, reasoning="look.", tool_calls=[ToolCallDelta(0, "call_a", "get_weather", "")]),
+        Delta("r", 0, "", [3], 5, tool_calls=[ToolCallDelta(0, arguments='{"city": ')]),
+        Delta("r", 0, "", [4], 5, tool_calls=[ToolCallDelta(0, arguments='"Paris"}'),
+                                              ToolCallDelta(1, "call_b", "get_time", '{"zone"')]),
+        Delta("r", 0, "", [5], 5, finish_reason="tool_calls", tool_calls=[ToolCallDelta(1, arguments=': "UTC"}')],
+              reasoning_tokens=2),
+    ]
+    [merged] = merge(pieces)
+    assert merged.reasoning == "Let me look." and merged.token_ids == [1, 2, 3, 4, 5]
+    assert [(c.index, c.id, c.name, c.arguments) for c in merged.tool_calls] == [
+        (0, "call_a", "get_weather", '{"city": "Paris"}'), (1, "call_b", "get_time", '{"zone": "UTC"}')]
+    assert merged.finish_reason == "tool_calls" and merged.reasoning_tokens == 2
+
+    fmt = ChatFormatter("r", 1, "m", "assistant")
+    chunks = [json.loads(json_encode(c)) for c in fmt.chunks(pieces)]
+    first_call = chunks[1]["choices"][0]["delta"]["tool_calls"][0]
+    assert first_call == {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert chunks[2]["choices"][0]["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    whole = ChatFormatter("r", 1, "m", "assistant")
+    whole.add(pieces)
+    msg = json.loads(json_encode(whole.response()))["choices"][0]["message"]
+    assert msg["content"] is None and msg["reasoning"] == "Let me look."
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] == [
+        ("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_time", {"zone": "UTC"})]
+    assert json.loads(json_encode(whole.response()))["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
 
 
 def test_completion_echo_offsets_and_prompt_indexes():

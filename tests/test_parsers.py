@@ -10,26 +10,37 @@ reasoning: deterministic, and enough to see where each piece goes."""
 
 import json
 
+import httpx
 import openai
 import pytest
 
 from conftest import ENGINE_START_TIMEOUT_S, MODEL, Proc, child_env, free_port, wait_healthy
 from test_structured_and_tools import ASK, WEATHER, stream_chat
 
+# ChatML that prints each message's content as it gets it: under
+# CHAT_TEMPLATE_CONTENT_FORMAT=openai, vLLM gives the template lists of parts.
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Paris"\}\}\n</tool_call>'
 
 
 @pytest.fixture(scope="module")
-def parsing(run_dir):
+def parsing_url(run_dir):
     port = free_port()
-    env = child_env(ENABLE_AUTO_TOOL_CHOICE="1", TOOL_CALL_PARSER="hermes", REASONING_PARSER="qwen3")
+    env = child_env(ENABLE_AUTO_TOOL_CHOICE="1", TOOL_CALL_PARSER="hermes", REASONING_PARSER="qwen3",
+                    CHAT_TEMPLATE=TEMPLATE, CHAT_TEMPLATE_CONTENT_FORMAT="openai")
     proc = Proc("serve-parsers", ["vllm_gateway.gateway", "serve", "--port", str(port)], env, run_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
-        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def parsing(parsing_url):
+    return openai.OpenAI(base_url=parsing_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_auto_tool_call_found_by_the_models_parser(parsing):
@@ -83,3 +94,13 @@ def test_chat_template_kwargs_pass_through(parsing):
                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     b = parsing.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_chat_template_and_content_format_settings_reach_vllms_renderer(parsing_url, http):
+    """CHAT_TEMPLATE replaces the model's template, and CHAT_TEMPLATE_CONTENT_FORMAT=openai
+    makes vLLM hand it content as a list of parts, which it prints as it is (the
+    shared engine, on `auto` with SmolLM2's template, gets the string)."""
+    openai_format = httpx.post(parsing_url + "/tokenize", json={"messages": ASK}).json()["tokens"]
+    auto = http.post("/tokenize", json={"messages": ASK}).json()["tokens"]
+    text = httpx.post(parsing_url + "/detokenize", json={"tokens": openai_format}).json()["prompt"]
+    assert "'type': 'text'" in text and openai_format != auto

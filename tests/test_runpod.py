@@ -256,7 +256,8 @@ def test_standard_chat_template_and_default_max_tokens(queue, worker):
     ({"openai_route": "/v1/completions", "openai_input": {"prompt": "x", "max_tokens": 5000}}, "max_tokens", "context_length_exceeded"),
     # hostile values: numbers beyond 64 bits, huge lists
     ({"prompt": "hi", "sampling_params": {"seed": 10**30}}, "sampling_params.seed", None),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": 10**30}]}, *FRANCE]}, "prompt", None),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": 10**30}]}, *FRANCE]},
+     "messages[0].tool_calls[0].id", None),
     ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": FRANCE, "stop": ["a"] * 100_000}}, "stop", None),
     ({"openai_route": "/v1/completions", "openai_input": {"prompt": [1] * 100_000}}, "prompt", "context_length_exceeded"),
 ])

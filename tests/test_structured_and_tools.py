@@ -247,6 +247,8 @@ def test_a_vllm_client_needs_no_change(gateway_url):
     """Field names and shapes as the installed vLLM's own protocol types parse them."""
     pytest.importorskip("vllm")
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse, ChatCompletionStreamResponse
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
 
     with httpx.Client(base_url=gateway_url, timeout=120) as h:
         body = {"model": MODEL, "messages": ASK, "max_tokens": 60, "tools": [WEATHER],
@@ -256,3 +258,6 @@ def test_a_vllm_client_needs_no_change(gateway_url):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     ChatCompletionStreamResponse.model_validate_json(line[6:])
+        CompletionResponse.model_validate(h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).json())
+        TokenizeResponse.model_validate(h.post("/tokenize", json={"prompt": "Hi", "return_token_strs": True}).json())
+        DetokenizeResponse.model_validate(h.post("/detokenize", json={"tokens": [1, 2]}).json())
