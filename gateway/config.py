@@ -47,6 +47,9 @@ class GatewaySettings:
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
     # write per stream every N ms (fewer, larger SSE events: less CPU per token).
     stream_interval_ms: float = 0
+    # Stored Responses API answers (previous_response_id, GET, background): per gateway.
+    responses_store_size: int = 1000
+    responses_store_ttl_s: float = 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
@@ -62,6 +65,8 @@ class GatewaySettings:
             drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
+            responses_store_size=_env(env, "RESPONSES_STORE_SIZE", cls.responses_store_size, int),
+            responses_store_ttl_s=_env(env, "RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
         )
 
 
@@ -85,6 +90,8 @@ class RunPodSettings:
     request_timeout_s: float = 0  # 0: no limit
     metrics_port: int = 0  # 0: no /metrics listener
     metrics_host: str = "127.0.0.1"
+    responses_store_size: int = 1000  # stored Responses API answers, per worker
+    responses_store_ttl_s: float = 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
@@ -106,6 +113,8 @@ class RunPodSettings:
             request_timeout_s=get("REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             metrics_port=get("METRICS_PORT", cls.metrics_port, int),
             metrics_host=get("METRICS_HOST", cls.metrics_host),
+            responses_store_size=get("RESPONSES_STORE_SIZE", cls.responses_store_size, int),
+            responses_store_ttl_s=get("RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
         )
         if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
             raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Callable, TypeVar
 
@@ -23,6 +24,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from vllm_gateway.gateway import VERSION, metrics
+from vllm_gateway.gateway.anthropic import messages
+from vllm_gateway.gateway.anthropic.errors import anthropic_error_response
+from vllm_gateway.gateway.anthropic.schemas import decode_count_tokens_request, decode_messages_request
+from vllm_gateway.gateway.openai.responses import serving as responses
+from vllm_gateway.gateway.openai.responses.schemas import decode_responses_request
+from vllm_gateway.gateway.openai.responses.store import ResponseStore
 from vllm_gateway.gateway.openai import openapi
 from vllm_gateway.gateway.openai.calls import (
     Call,
@@ -38,7 +45,6 @@ from vllm_gateway.gateway.openai.calls import (
 from vllm_gateway.gateway.config import GatewaySettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
-from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
 from vllm_gateway.protocol.messages import EngineStatus
 from vllm_gateway.gateway.openai.schemas import (
     Health,
@@ -66,6 +72,14 @@ def error_response(err: APIError) -> Response:
 
 
 ROUTES = tuple(op.path for op in openapi.OPERATIONS)
+# Documented paths with a parameter, as patterns: metrics label a request by its route.
+_TEMPLATES = [(re.compile("^" + re.sub(r"{\w+}", "[^/]+", p) + "$"), p) for p in ROUTES if "{" in p]
+
+
+def route_label(path: str) -> str:
+    if path in ROUTES:
+        return path
+    return next((template for pattern, template in _TEMPLATES if pattern.match(path)), "other")
 
 
 class RequestMetrics:
@@ -78,7 +92,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = route_label(path)
         status = 500
 
         async def send_status(message) -> None:
@@ -101,6 +115,7 @@ class Gateway:
         self.client = client or EngineClient(settings.engine_endpoints, engine_timeout_s=settings.engine_timeout_s)
         # Set on SIGTERM: new work gets a 503 while what runs finishes.
         self.draining = False
+        self.responses_store = ResponseStore(settings.responses_store_size, settings.responses_store_ttl_s)
 
     # ------------------------------------------------------------------ helpers
 
@@ -158,6 +173,38 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         self._check_open()
         return json_response(model_list(self.client))
+
+    async def responses(self, request: Request) -> Response:
+        req, engine = await self._decode(request, decode_responses_request)
+        prepared = responses.prepare(req, engine.model, self.responses_store)
+        if req.background:
+            return json_response(responses.start_background(
+                self.client, prepared, self.responses_store, self.settings.request_timeout_s))
+        return await self._run(request, prepared.call)
+
+    async def response_get(self, request: Request) -> Response:
+        return json_response(responses.fetch(self.responses_store, request.path_params["response_id"]))
+
+    async def response_delete(self, request: Request) -> Response:
+        return json_response(responses.delete(self.responses_store, request.path_params["response_id"]))
+
+    async def response_cancel(self, request: Request) -> Response:
+        return json_response(await responses.cancel(self.responses_store, request.path_params["response_id"]))
+
+    async def messages(self, request: Request) -> Response:
+        """Anthropic's Messages API: its own error shape, from the first check on."""
+        try:
+            req, engine = await self._decode(request, decode_messages_request)
+            return await self._run(request, messages.prepare(req, engine.model))
+        except APIError as e:
+            return anthropic_error_response(e)
+
+    async def count_tokens(self, request: Request) -> Response:
+        try:
+            req, engine = await self._decode(request, decode_count_tokens_request)
+            return json_response(await messages.count_tokens(self.client, req, engine))
+        except APIError as e:
+            return anthropic_error_response(e)
 
     async def tokenize(self, request: Request) -> Response:
         req, engine = await self._decode(request, decode_tokenize_request)
@@ -229,6 +276,8 @@ class SSEResponse:
 
     async def __call__(self, scope, receive, send) -> None:
         run = self.run
+        wire = run.call.wire
+        event = wire.event
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
         try:
@@ -238,14 +287,14 @@ class SSEResponse:
                     if not chunks:
                         continue
                     metrics.HTTP_BATCHES.inc()
-                    await send({"type": "http.response.body", "body": b"".join([sse(c) for c in chunks]),
+                    await send({"type": "http.response.body", "body": b"".join([event(c) for c in chunks]),
                                 "more_body": True})
-                tail = SSE_DONE
+                tail = wire.done
             except ClientGone:
                 return
             except APIError as e:
                 metrics.ERRORS.labels(e.type).inc()
-                tail = e.sse_event() + SSE_DONE
+                tail = wire.error(e) + wire.done
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             gone.cancel()
@@ -302,21 +351,30 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
     # The routes are the documented operations: a handler without an operation (or the
     # reverse) fails here, at start-up, instead of serving an undocumented route.
     handlers = {
-        "/v1/chat/completions": gw.chat_completions,
-        "/v1/completions": gw.completions,
-        "/v1/models": gw.models,
-        "/tokenize": gw.tokenize,
-        "/detokenize": gw.detokenize,
-        "/version": gw.version,
-        "/ping": gw.ping,
-        "/health": gw.health,
-        "/metrics": _metrics,
-        "/openapi.json": openapi_json,
+        ("post", "/v1/chat/completions"): gw.chat_completions,
+        ("post", "/v1/completions"): gw.completions,
+        ("post", "/v1/responses"): gw.responses,
+        ("get", "/v1/responses/{response_id}"): gw.response_get,
+        ("delete", "/v1/responses/{response_id}"): gw.response_delete,
+        ("post", "/v1/responses/{response_id}/cancel"): gw.response_cancel,
+        ("post", "/v1/messages"): gw.messages,
+        ("post", "/v1/messages/count_tokens"): gw.count_tokens,
+        ("get", "/v1/models"): gw.models,
+        ("post", "/tokenize"): gw.tokenize,
+        ("post", "/detokenize"): gw.detokenize,
+        ("get", "/version"): gw.version,
+        ("get", "/ping"): gw.ping,
+        ("post", "/ping"): gw.ping,
+        ("get", "/health"): gw.health,
+        ("get", "/metrics"): _metrics,
+        ("get", "/openapi.json"): openapi_json,
     }
-    if set(handlers) != set(ROUTES):
-        raise RuntimeError(f"routes and documented operations differ: {set(handlers) ^ set(ROUTES)}")
+    documented = {(op.method, op.path) for op in openapi.OPERATIONS}
+    if set(handlers) != documented:
+        raise RuntimeError(f"routes and documented operations differ: {set(handlers) ^ documented}")
     app = Starlette(
-        routes=[Route(op.path, handlers[op.path], methods=[op.method.upper()]) for op in openapi.OPERATIONS],
+        routes=[Route(op.path, handlers[(op.method, op.path)], methods=[op.method.upper()])
+                for op in openapi.OPERATIONS],
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,

@@ -20,7 +20,7 @@ from vllm_gateway.gateway.openai import validation
 from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
 from vllm_gateway.gateway.openai.errors import APIError, from_failure
 from vllm_gateway.gateway.metrics import TTFT
-from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter, Formatter
+from vllm_gateway.gateway.openai.formatting import SSE_DONE, ChatFormatter, CompletionFormatter, Formatter, sse
 from vllm_gateway.gateway.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,15 +44,30 @@ from vllm_gateway.protocol.messages import (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Wire:
+    """How an API streams: one server-sent event per object, what ends a stream,
+    and how a failure mid-stream is told."""
+
+    event: Callable[[object], bytes] = sse
+    done: bytes = SSE_DONE
+    error: Callable[[APIError], bytes] = APIError.sse_event
+
+
+OPENAI_WIRE = Wire()
+
+
 @dataclasses.dataclass
 class Call:
     gens: list[Generate]
     fmt: Formatter
     prompt_param: str  # the request field an engine-side prompt error is about
     stream: bool
-    usage: Callable[[], object] | None = None  # the last chunk of a stream, when asked for
-    opening: Callable[[], object] | None = None  # the first chunk of a stream, if any
+    closing: Callable[[], list[object]] | None = None  # the last events of a stream (usage, when asked for)
+    # The first events of a stream, if any, given the engine's first output.
+    opening: Callable[[list[Delta]], list[object]] | None = None
     exact: bool = False  # engine batches kept as they are, not merged per choice (RunPod's standard mode)
+    wire: Wire = OPENAI_WIRE
 
 
 def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
@@ -60,8 +75,8 @@ def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
     gen = validation.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
     opts = req.stream_options
     fmt = ChatFormatter(gen.request_id, req.n, model, role, continuous_usage=bool(opts and opts.continuous_usage_stats))
-    return Call([gen], fmt, "messages", req.stream, fmt.usage_chunk if opts and opts.include_usage else None,
-                fmt.role_chunk)
+    return Call([gen], fmt, "messages", req.stream, (lambda: [fmt.usage_chunk()]) if opts and opts.include_usage else None,
+                lambda first: [fmt.role_chunk()])
 
 
 def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | None = None) -> Call:
@@ -72,7 +87,7 @@ def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | 
         [g.request_id for g in gens], req.n, model, echo=req.echo,
         continuous_usage=bool(opts and opts.continuous_usage_stats),
     )
-    return Call(gens, fmt, "prompt", req.stream, fmt.usage_chunk if opts and opts.include_usage else None)
+    return Call(gens, fmt, "prompt", req.stream, (lambda: [fmt.usage_chunk()]) if opts and opts.include_usage else None)
 
 
 def no_engine() -> APIError:
@@ -109,17 +124,17 @@ async def tokenize(client: EngineClient, req: TokenizeRequest, engine: EngineSta
     else:
         prompt = TextPrompt(req.prompt or "", True if req.add_special_tokens is None else req.add_special_tokens)
         param = "prompt"
-    answer = await _ask(client, Tokenize(f"tok-{uuid.uuid4().hex}", prompt, req.return_token_strs), param)
+    answer = await ask_tokens(client, Tokenize(f"tok-{uuid.uuid4().hex}", prompt, req.return_token_strs), param)
     return TokenizeResponse(len(answer.token_ids), engine.max_model_len, answer.token_ids, answer.token_strs)
 
 
 async def detokenize(client: EngineClient, req: DetokenizeRequest, engine: EngineStatus) -> DetokenizeResponse:
     validation.check_model(req.model, engine.model)
-    answer = await _ask(client, Detokenize(f"detok-{uuid.uuid4().hex}", list(req.tokens)), "tokens")
+    answer = await ask_tokens(client, Detokenize(f"detok-{uuid.uuid4().hex}", list(req.tokens)), "tokens")
     return DetokenizeResponse(answer.text or "")
 
 
-async def _ask(client: EngineClient, msg: Tokenize | Detokenize, param: str) -> Tokens:
+async def ask_tokens(client: EngineClient, msg: Tokenize | Detokenize, param: str) -> Tokens:
     try:
         return await client.ask(msg)
     except NoEngine:
@@ -162,7 +177,7 @@ class CallRun:
         # One timer for the whole request, not a timeout around every engine step.
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire) if timeout_s > 0 else None
         self._first: list[Delta] | None = None  # the engine's first output, until streamed
-        self._usage_due = call.usage is not None
+        self._closing_due = call.closing is not None
         self._closed = False
 
     def close(self) -> None:
@@ -207,14 +222,14 @@ class CallRun:
         return fmt.response()
 
     async def next_batch(self) -> list[object] | None:
-        """The chunk objects of the next engine output batch (the opening chunk
-        with the first, the usage chunk last when asked for); None at the end.
-        `[DONE]` is the caller's to add."""
+        """The stream objects of the next engine output batch (the opening ones
+        with the first, the closing ones last); None at the end. The wire's end
+        marker (`[DONE]`) is the caller's to add."""
         fmt = self.call.fmt
         first = self._first
         if first is not None:
             self._first = None
-            opening = [self.call.opening()] if self.call.opening is not None else []
+            opening = self.call.opening(first) if self.call.opening is not None else []
             return opening + fmt.chunks(first)
         if not self.rs.finished or self.rs.pending:
             if self.stream_interval_s:
@@ -224,9 +239,9 @@ class CallRun:
             batch = await self._next()
             if batch is not None:
                 return fmt.chunks(batch)
-        if self._usage_due and self.call.usage is not None:
-            self._usage_due = False
-            return [self.call.usage()]
+        if self._closing_due and self.call.closing is not None:
+            self._closing_due = False
+            return self.call.closing()
         return None
 
     async def batches(self) -> AsyncIterator[list[object]]:

@@ -14,7 +14,10 @@ from msgspec import Meta, Struct
 
 from vllm_gateway.gateway.openai.schemas import ChatMessages, PositiveInt, Sampling
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize")
+# The routes a job reaches, by `openai_route` (POST, or GET for /v1/models) or by
+# worker-vllm's generic `{"route", "method", "body"}`.
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens", "/v1/models", "/tokenize", "/detokenize")
 
 GrowthFactor = Annotated[float, Meta(ge=1.0)]
 
@@ -28,6 +31,10 @@ class JobInput(Struct, kw_only=True):
     # OpenAI mode
     openai_route: str | None = None
     openai_input: dict[str, Any] | None = None
+    # Any route the gateway serves (worker-vllm's generic input)
+    route: str | None = None
+    method: str = "POST"
+    body: dict[str, Any] | None = None
     # Standard mode
     prompt: str | None = None
     messages: ChatMessages | None = None

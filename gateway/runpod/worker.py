@@ -26,7 +26,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_gateway.gateway import metrics
+from vllm_gateway.gateway import VERSION, metrics
+from vllm_gateway.gateway.anthropic import messages
+from vllm_gateway.gateway.anthropic.errors import body as anthropic_error_body
+from vllm_gateway.gateway.anthropic.schemas import count_tokens_request_from_dict, messages_request_from_dict
 from vllm_gateway.gateway.openai.calls import (
     Call,
     CallRun,
@@ -41,18 +44,22 @@ from vllm_gateway.gateway.config import RunPodSettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
 from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
-from vllm_gateway.gateway.openai.formatting import SSE_DONE, sse
+from vllm_gateway.gateway.openai.responses import serving as responses
+from vllm_gateway.gateway.openai.responses.schemas import responses_request_from_dict
+from vllm_gateway.gateway.openai.responses.store import ResponseStore
 from vllm_gateway.gateway.openai.schemas import (
+    Health,
+    Version,
     chat_request_from_dict,
     completion_request_from_dict,
     detokenize_request_from_dict,
+    json_encode,
     tokenize_request_from_dict,
 )
 from vllm_gateway.gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
 
 log = logging.getLogger("gateway.runpod")
 
-DONE_EVENT = SSE_DONE.decode()
 
 
 class BatchSizer:
@@ -73,10 +80,34 @@ class BatchSizer:
         self._size = min(self._size * self.growth, float(self.max))
 
 
+JOB_ROUTES = {("POST", p) for p in OPENAI_ROUTES if p != "/v1/models"} | {("GET", "/v1/models")}
+
+
+class JobError(Exception):
+    """A failed job whose error body is in its API's shape (Anthropic's)."""
+
+    def __init__(self, body: str, error: APIError) -> None:
+        super().__init__(error.message)
+        self.body = body
+        self.error = error
+
+
 class JobHandler:
     def __init__(self, settings: RunPodSettings) -> None:
         self.settings = settings
         self._client: EngineClient | None = None
+        self.responses_store = ResponseStore(settings.responses_store_size, settings.responses_store_ttl_s)
+
+    async def _stored_response(self, method: str, path: str) -> Any:
+        """GET / DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel."""
+        parts = path.split("/")  # "", "v1", "responses", id[, "cancel"]
+        if len(parts) == 4 and method == "GET":
+            return responses.fetch(self.responses_store, parts[3])
+        if len(parts) == 4 and method == "DELETE":
+            return responses.delete(self.responses_store, parts[3])
+        if len(parts) == 5 and parts[4] == "cancel" and method == "POST":
+            return await responses.cancel(self.responses_store, parts[3])
+        raise APIError(404, f"no route {method} {path}", param="route", code="unknown_route")
 
     def concurrency(self, current: int) -> int:
         return self.settings.max_concurrency
@@ -103,7 +134,7 @@ class JobHandler:
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         """The RunPod handler: yields stream batches, or one whole answer."""
         raw = job.get("input")
-        route = raw.get("openai_route", "standard") if isinstance(raw, dict) else "standard"
+        route = (raw.get("openai_route") or raw.get("route") or "standard") if isinstance(raw, dict) else "standard"
         status = "200"
         metrics.IN_FLIGHT.inc()
         try:
@@ -112,6 +143,11 @@ class JobHandler:
                 async for out in outputs:
                     metrics.RUNPOD_BATCHES.inc()
                     yield out
+        except JobError as e:  # an error in the shape of the route's API
+            status = str(e.error.status)
+            metrics.ERRORS.labels(e.error.type).inc()
+            log.info("job %s failed: %s %s", job.get("id"), e.error.status, e.error.message)
+            yield {"error": e.body}
         except APIError as e:
             status = str(e.status)
             metrics.ERRORS.labels(e.type).inc()
@@ -125,12 +161,15 @@ class JobHandler:
             metrics.REQUESTS.labels(route if route in OPENAI_ROUTES or route == "standard" else "other", status).inc()
 
     def _outputs(self, job: JobInput) -> AsyncIterator[Any]:
+        if job.route is not None:
+            return self._route(job.method.upper(), job.route, job.body or {}, job)
         if job.openai_route is None:
             return self._standard(job)
         if job.openai_route not in OPENAI_ROUTES:
             raise APIError(404, f"unknown openai_route {job.openai_route!r}; this worker serves "
                            + ", ".join(OPENAI_ROUTES), param="openai_route", code="unknown_route")
-        return self._openai(job)
+        method = "GET" if job.openai_route == "/v1/models" else "POST"
+        return self._route(method, job.openai_route, job.openai_input or {}, job)
 
     async def _run(self, client: EngineClient, call: Call) -> CallRun:
         run = CallRun(client, call, self.settings.request_timeout_s)
@@ -142,39 +181,77 @@ class JobHandler:
         await run.start()
         return run
 
-    async def _openai(self, job: JobInput) -> AsyncIterator[Any]:
+    async def _route(self, method: str, path: str, body: dict[str, Any], job: JobInput) -> AsyncIterator[Any]:
+        """What the HTTP gateway answers to `method path` with `body`: one object,
+        or (streaming) batches of whole events."""
+        try:
+            async for out in self._serve(method, path, body, job):
+                yield out
+        except APIError as e:
+            if path.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's shape
+                raise JobError(json_encode(anthropic_error_body(e)).decode(), e) from None
+            raise
+
+    async def _serve(self, method: str, path: str, body: dict[str, Any], job: JobInput) -> AsyncIterator[Any]:
+        if method == "GET" and path in ("/health", "/ping", "/version"):
+            client = await self._engines()
+            yield {"/version": lambda: to_builtins(Version(ready_engine(client).vllm_version, VERSION)),
+                   "/health": lambda: to_builtins(Health("ok" if client.ready else "unavailable", client.describe())),
+                   "/ping": lambda: {}}[path]()
+            return
+        if path.startswith("/v1/responses/"):
+            yield to_builtins(await self._stored_response(method, path))
+            return
+        route = (method, path)
+        if route not in JOB_ROUTES:
+            raise APIError(404, f"no route {method} {path}; jobs reach " + ", ".join(f"{m} {p}" for m, p in JOB_ROUTES),
+                           param="route", code="unknown_route")
         client = await self._engines()
-        body = job.openai_input or {}
-        if job.openai_route == "/v1/models":
+        if path == "/v1/models":
             yield to_builtins(model_list(client))
             return
         engine = ready_engine(client)
         model = engine.model
-        if job.openai_route == "/tokenize":
+        if path == "/tokenize":
             yield to_builtins(await tokenize(client, decode_or_400(tokenize_request_from_dict, body, "openai_input"), engine))
             return
-        if job.openai_route == "/detokenize":
+        if path == "/detokenize":
             yield to_builtins(await detokenize(client, decode_or_400(detokenize_request_from_dict, body, "openai_input"),
                                                engine))
             return
-        if job.openai_route == "/v1/chat/completions":
+        if path == "/v1/messages/count_tokens":
+            req = decode_or_400(count_tokens_request_from_dict, body, "openai_input")
+            yield to_builtins(await messages.count_tokens(client, req, engine))
+            return
+        if path == "/v1/chat/completions":
             call = prepare_chat(decode_or_400(chat_request_from_dict, body, "openai_input"),
                                 model, self.settings.response_role)
-        else:
+        elif path == "/v1/completions":
             call = prepare_completion(decode_or_400(completion_request_from_dict, body, "openai_input"),
                                       model, engine.max_model_len)
+        elif path == "/v1/messages":
+            call = messages.prepare(decode_or_400(messages_request_from_dict, body, "openai_input"), model)
+        else:
+            req = decode_or_400(responses_request_from_dict, body, "openai_input")
+            prepared = responses.prepare(req, model, self.responses_store)
+            if req.background:
+                yield to_builtins(responses.start_background(client, prepared, self.responses_store,
+                                                             self.settings.request_timeout_s))
+                return
+            call = prepared.call
         run = await self._run(client, call)
         if not call.stream:
             yield to_builtins(await run.collect())
             return
         raw = self.settings.raw_openai_output
+        event = call.wire.event
         sizer = self._sizer(job)
         batch: list[Any] = []
         try:
             async with contextlib.aclosing(run.batches()) as batches:
                 async for chunks in batches:
                     for chunk in chunks:
-                        batch.append(sse(chunk).decode() if raw else to_builtins(chunk))
+                        batch.append(event(chunk).decode() if raw else to_builtins(chunk))
                         if len(batch) >= sizer.size:
                             yield "".join(batch) if raw else batch
                             batch = []
@@ -183,8 +260,8 @@ class JobHandler:
             if batch:  # what was generated before the failure still goes out
                 yield "".join(batch) if raw else batch
             raise
-        if raw:
-            batch.append(DONE_EVENT)
+        if raw and call.wire.done:
+            batch.append(call.wire.done.decode())
         if batch:
             yield "".join(batch) if raw else batch
 

@@ -1,0 +1,31 @@
+"""Errors in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`,
+with Anthropic's error types for each HTTP status."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from vllm_gateway.gateway import metrics
+from vllm_gateway.gateway.anthropic.schemas import ErrorBody, ErrorDetail
+from vllm_gateway.gateway.openai.errors import APIError
+from vllm_gateway.gateway.openai.schemas import json_encode
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 415: "invalid_request_error",
+          429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def body(e: APIError) -> ErrorBody:
+    """The error, with the field at fault named in the message (Anthropic's
+    errors have no field of their own for it)."""
+    message = e.message if e.param is None or e.param in e.message else f"{e.param}: {e.message}"
+    return ErrorBody(ErrorDetail(_TYPES.get(e.status, "api_error"), message))
+
+
+def anthropic_error_response(e: APIError) -> Response:
+    metrics.ERRORS.labels(e.type).inc()
+    return Response(json_encode(body(e)), status_code=e.status, media_type="application/json")
+
+
+def sse_error(e: APIError) -> bytes:
+    return b"event: error\ndata: " + json_encode(body(e)) + b"\n\n"
