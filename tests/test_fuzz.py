@@ -36,7 +36,7 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 # Generation cost only: a valid request may ask for up to the whole context on
 # 128 choices, which a CPU answers in minutes. Larger values are exercised by the
 # negative cases and by tests/test_hostile_bodies.py.
-CAPS = {"max_tokens": 8, "max_completion_tokens": 8, "min_tokens": 4, "n": 2, "best_of": 2}
+CAPS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "min_tokens": 4, "n": 2, "best_of": 2}
 
 
 def bound_cost(case) -> None:
@@ -48,14 +48,22 @@ def bound_cost(case) -> None:
             body[field] = cap
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = CAPS["max_tokens"]
+    if "input" in body and body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = CAPS["max_output_tokens"]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) > 4 and all(isinstance(p, (str, list)) for p in prompt):
         body["prompt"] = prompt[:4]
 
 
 def openai_error_object(response, case) -> None:
+    """Every 4xx is an error object: OpenAI's, or Anthropic's on /v1/messages."""
     if 400 <= response.status_code < 500:
-        err = json.loads(response.content)["error"]
+        body = json.loads(response.content)
+        if case.path.startswith("/v1/messages"):
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+            assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+            return
+        err = body["error"]
         assert set(err) == {"message", "type", "param", "code"}, err
         assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), err
 
@@ -97,7 +105,9 @@ def test_openapi_document_lists_every_route(http):
     doc = http.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                 "/metrics", "/openapi.json", "/tokenize", "/detokenize", "/version", "/ping"}
+                                 "/metrics", "/openapi.json", "/tokenize", "/detokenize", "/version", "/ping",
+                                 "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+                                 "/v1/messages", "/v1/messages/count_tokens"}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     request = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     props = doc["components"]["schemas"][request]["properties"]

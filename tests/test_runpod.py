@@ -197,6 +197,56 @@ def test_standard_structured_outputs_and_guided_names(queue, worker):
     assert job_error(result)["param"] == "guided_regex"
 
 
+def test_responses_and_messages_through_openai_route(queue, worker):
+    """Both typed-event APIs stream whole events per batch; their text joins to the
+    non-streamed answer; a stored response is reachable by the generic route input."""
+    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 200, "temperature": 0}
+    _, result = run(queue, worker, {"openai_route": "/v1/responses", "openai_input": body})
+    [whole] = result["output"]
+    assert whole["object"] == "response" and whole["status"] == "completed"
+    outputs, _ = run(queue, worker, {"openai_route": "/v1/responses", "openai_input": {**body, "stream": True}})
+    evs = [e for o in outputs for e in o.split("\n\n") if e]
+    assert all(e.startswith("event: response.") for e in evs), evs[:3]
+    data = [json.loads(e.split("data: ", 1)[1]) for e in evs]
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    assert "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta") == whole["output_text"]
+    assert data[-1]["type"] == "response.completed"
+    stored = run(queue, worker, {"route": f"/v1/responses/{whole['id']}", "method": "GET"})[1]["output"]
+    assert stored == [whole]
+
+    msg = {"model": MODEL, "max_tokens": 30, "temperature": 0,
+           "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    _, result = run(queue, worker, {"route": "/v1/messages", "method": "POST", "body": msg})
+    [message] = result["output"]
+    assert message["type"] == "message" and message["content"][0]["type"] == "text"
+    outputs, _ = run(queue, worker, {"openai_route": "/v1/messages", "openai_input": {**msg, "stream": True}})
+    evs = [e for o in outputs for e in o.split("\n\n") if e]
+    data = [json.loads(e.split("data: ", 1)[1]) for e in evs]
+    assert data[0]["type"] == "message_start" and data[-1]["type"] == "message_stop"
+    text = "".join(d["delta"]["text"] for d in data if d["type"] == "content_block_delta")
+    assert text == message["content"][0]["text"]
+    _, result = run(queue, worker, {"openai_route": "/v1/messages", "openai_input": {"model": MODEL, "messages": []}})
+    err = json.loads(result["error"])
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+
+
+def test_generic_route_input_reaches_every_route(queue, worker):
+    for method, route, body, check in [
+        ("GET", "/v1/models", None, lambda o: o["data"][0]["id"] == MODEL),
+        ("POST", "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 3}, lambda o: o["object"] == "chat.completion"),
+        ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3}, lambda o: o["object"] == "text_completion"),
+        ("POST", "/tokenize", {"prompt": "Hello world"}, lambda o: o["count"] == 2),
+        ("POST", "/v1/messages/count_tokens", {"messages": FRANCE}, lambda o: o["input_tokens"] > 5),
+        ("GET", "/version", None, lambda o: o["version"]),
+        ("GET", "/health", None, lambda o: o["status"] == "ok"),
+    ]:
+        job = {"route": route, "method": method, **({"body": body} if body is not None else {})}
+        _, result = run(queue, worker, job)
+        assert "output" in result and check(result["output"][0]), (route, result)
+    _, result = run(queue, worker, {"route": "/v1/nothing", "method": "POST", "body": {}})
+    assert job_error(result)["code"] == "unknown_route"
+
+
 # ------------------------------------------------------------------- standard mode
 
 
@@ -251,6 +301,8 @@ def test_standard_chat_template_and_default_max_tokens(queue, worker):
     ({"prompt": "hi", "min_batch_size": 0}, "min_batch_size", None),
     ({"prompt": "hi " * 3000}, "prompt", "context_length_exceeded"),
     ({"openai_route": "/v1/embeddings", "openai_input": {"input": "x"}}, "openai_route", "unknown_route"),
+    ({"openai_route": "/v1/responses", "openai_input": {"input": "x", "previous_response_id": "resp_none"}},
+     "previous_response_id", "previous_response_not_found"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "gpt-4", "messages": FRANCE}}, "model", "model_not_found"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": FRANCE, "n": 0}}, "n", None),
     ({"openai_route": "/v1/completions", "openai_input": {"prompt": "x", "max_tokens": 5000}}, "max_tokens", "context_length_exceeded"),

@@ -131,10 +131,12 @@ def _name(t: Any) -> str:
 
 def _sse_event(chunk: str) -> dict[str, Any]:
     """One server-sent event (OpenAPI 3.1 describes each event of a stream)."""
+    typed = chunk in ("ResponseEvent", "MessagesEvent")  # `event:` lines, no [DONE]
     return {
         "type": "object",
         "properties": {"data": {"type": "string", "contentMediaType": JSON, "description": (
-            f"a {chunk} as JSON; on a failure during the stream an ErrorResponse; last, `[DONE]`")}},
+            f"a {chunk} as JSON, its `type` also in the event's `event:` line; on a failure an error event"
+            if typed else f"a {chunk} as JSON; on a failure during the stream an ErrorResponse; last, `[DONE]`")}},
         "required": ["data"],
     }
 
