@@ -5,7 +5,6 @@ conversation and parses tool calls), formatted as response objects and events.""
 import json
 import time
 
-import httpx
 import openai
 import pytest
 
