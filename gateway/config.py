@@ -50,6 +50,11 @@ class GatewaySettings:
     # Stored Responses API answers (previous_response_id, GET, background): per gateway.
     responses_store_size: int = 1000
     responses_store_ttl_s: float = 3600
+    # API keys (none: no key needed) and the paths open without one.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # never printed
+    open_paths: tuple[str, ...] = ("/health", "/ping", "/metrics")
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's switch for them).
+    allow_runtime_lora: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
@@ -67,7 +72,27 @@ class GatewaySettings:
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
             responses_store_size=_env(env, "RESPONSES_STORE_SIZE", cls.responses_store_size, int),
             responses_store_ttl_s=_env(env, "RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
+            api_keys=api_keys(env),
+            allow_runtime_lora=_env(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", cls.allow_runtime_lora, parse_bool),
+            open_paths=tuple(p.strip() for p in env.get("API_KEY_OPEN_PATHS", ",".join(cls.open_paths)).split(",")
+                             if p.strip()),
         )
+
+
+def api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Keys comma-separated in API_KEY and VLLM_API_KEY (vllm serve's name), and
+    one per line in API_KEY_FILE (blank lines and `#` comments skipped)."""
+    keys: list[str] = []
+    for name in ("API_KEY", "VLLM_API_KEY"):
+        keys += [k.strip() for k in env.get(name, "").split(",") if k.strip()]
+    path = env.get("API_KEY_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise ValueError(f"API_KEY_FILE={path!r}: {e.strerror}") from None
+    return tuple(dict.fromkeys(keys))
 
 
 @dataclasses.dataclass

@@ -29,8 +29,10 @@ from vllm_gateway.protocol.metrics import EngineMetrics
 # 1: before versioning (failures carried an HTTP status); 2: failure kinds;
 # 3: structured outputs, chat requests rendered by vLLM (tools, reasoning), parsed
 #    deltas, tokenize/detokenize. A version-2 engine would ignore a constraint it
-#    does not know and answer unconstrained: hence a new version, not just fields.
-PROTOCOL_VERSION = 3
+#    does not know and answer unconstrained: hence a new version, not just fields;
+# 4: models (LoRA adapters, embedding models) named in requests and reported in
+#    status, embeddings, adapters loaded at run time.
+PROTOCOL_VERSION = 4
 
 # --------------------------------------------------------------------------- prompt
 
@@ -138,6 +140,34 @@ class Generate(msgspec.Struct, tag="gen", array_like=True, omit_defaults=True):
     params: SamplingParams
     # Ask the engine to send back the prompt's text (for completions' `echo`).
     return_prompt: bool = False
+    # The model asked for: "" or the base model, or one of the engine's LoRA adapters.
+    model: str = ""
+
+
+class Embed(msgspec.Struct, tag="embed", array_like=True, omit_defaults=True):
+    """Embed each input (a text or token ids) with the engine's pooling model.
+    Answered by `Embeddings`, or `RequestFailed`."""
+
+    request_id: str
+    inputs: list[Union[TextPrompt, TokensPrompt]]
+    dimensions: int | None = None  # Matryoshka models: keep the first N
+    normalize: bool | None = None  # None: as the model's pooler does
+    truncate_prompt_tokens: int | None = None
+
+
+class LoadAdapter(msgspec.Struct, tag="lora+", array_like=True):
+    """Load a LoRA adapter now, served as `name`. Answered by `Done`."""
+
+    request_id: str
+    name: str
+    path: str
+
+
+class UnloadAdapter(msgspec.Struct, tag="lora-", array_like=True):
+    """Stop serving a LoRA adapter. Answered by `Done`."""
+
+    request_id: str
+    name: str
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -162,7 +192,7 @@ class Detokenize(msgspec.Struct, tag="detok", array_like=True):
     token_ids: list[int]
 
 
-GatewayMessage = Union[Hello, Generate, Abort, Tokenize, Detokenize]
+GatewayMessage = Union[Hello, Generate, Abort, Tokenize, Detokenize, Embed, LoadAdapter, UnloadAdapter]
 
 
 # ------------------------------------------------------------- engine -> gateway
@@ -227,6 +257,7 @@ class FailureKind(enum.IntEnum):
     ENGINE_UNAVAILABLE = 3  # the engine died, restarted, stopped or lost contact
     OVERLOADED = 4  # the engine refused more work for now (admission control)
     INTERNAL = 5  # a bug: the message says what
+    NOT_FOUND = 6  # the model or adapter named is not served (any more)
 
 
 class RequestFailed(msgspec.Struct, tag="fail", array_like=True, omit_defaults=True):
@@ -246,6 +277,31 @@ class Tokens(msgspec.Struct, tag="toks", array_like=True, omit_defaults=True):
     token_ids: list[int] = []
     token_strs: list[str] | None = None
     text: str | None = None
+
+
+class Embeddings(msgspec.Struct, tag="embs", array_like=True):
+    """The answer to `Embed`: a vector per input, and the tokens each used."""
+
+    request_id: str
+    vectors: list[list[float]]
+    num_prompt_tokens: list[int]
+
+
+class Done(msgspec.Struct, tag="done", array_like=True):
+    """The answer to `LoadAdapter` / `UnloadAdapter`."""
+
+    request_id: str
+    message: str
+
+
+class ModelInfo(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One model an engine serves: its base model, or a LoRA adapter of it."""
+
+    name: str
+    task: str = "generate"  # generate or embed
+    parent: str | None = None  # a LoRA adapter's base model
+    root: str = ""  # where it was loaded from
+    max_model_len: int = 0
 
 
 EngineState = Literal["loading", "ready", "failed", "stopping"]
@@ -268,9 +324,10 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     pid: int = 0  # the engine process, for operators and supervisors
     protocol_version: int = 1  # absent from version-1 engines
     vllm_version: str = ""  # the engine's vLLM, for GET /version
+    models: list[ModelInfo] = []  # what it serves: its model, and its LoRA adapters
 
 
-EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens]
+EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens, Embeddings, Done]
 
 
 # --------------------------------------------------------------------------- codec

@@ -35,11 +35,11 @@ from vllm_gateway.gateway.anthropic.schemas import (
 )
 from vllm_gateway.gateway.engines.client import EngineClient, join_tool_calls
 from vllm_gateway.gateway.openai import validation
-from vllm_gateway.gateway.openai.calls import Call, Wire, ask_tokens
+from vllm_gateway.gateway.openai.calls import Call, Target, Wire, ask_tokens
 from vllm_gateway.gateway.openai.errors import APIError
 from vllm_gateway.gateway.openai.formatting import Book
 from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, json_encode
-from vllm_gateway.protocol.messages import ChatPrompt, Delta, EngineStatus, Tokenize, ToolCallDelta
+from vllm_gateway.protocol.messages import ChatPrompt, Delta, Tokenize, ToolCallDelta
 
 
 def _event(obj: Any) -> bytes:
@@ -178,17 +178,18 @@ def chat_request(req: MessagesRequest) -> ChatCompletionRequest:
 def prepare(req: MessagesRequest, model: str) -> Call:
     validation.check_model(req.model, model)
     gen = validation.chat_generate(chat_request(req), f"msg-{uuid.uuid4().hex}")
+    gen.model = model
     fmt = MessagesFormatter(gen.request_id, model)
     return Call([gen], fmt, "messages", req.stream, closing=fmt.closing, opening=fmt.opening, wire=ANTHROPIC_WIRE)
 
 
-async def count_tokens(client: EngineClient, req: CountTokensRequest, engine: EngineStatus) -> TokenCount_:
+async def count_tokens(client: EngineClient, req: CountTokensRequest, engine: Target) -> TokenCount_:
     validation.check_model(req.model, engine.model)
     _, template_kwargs = _thinking(req)
     tools = _tools(req)
     prompt = ChatPrompt(chat_messages(req), chat_template_kwargs=template_kwargs, tools=tools,
                         tool_choice="none" if tools else None)  # tools in the template, no parser needed
-    answer = await ask_tokens(client, Tokenize(f"count-{uuid.uuid4().hex}", prompt), "messages")
+    answer = await ask_tokens(client, Tokenize(f"count-{uuid.uuid4().hex}", prompt), "messages", engine.model)
     return TokenCount_(len(answer.token_ids))
 
 

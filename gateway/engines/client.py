@@ -16,7 +16,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 import zmq
 import zmq.asyncio
@@ -27,8 +28,14 @@ from vllm_gateway.protocol.messages import (
     EngineMetrics,
     Delta,
     Detokenize,
+    Done,
+    Embed,
+    Embeddings,
+    LoadAdapter,
+    ModelInfo,
     Tokenize,
     Tokens,
+    UnloadAdapter,
     ToolCallDelta,
     PROTOCOL_VERSION,
     EngineStatus,
@@ -188,16 +195,19 @@ class RequestStream:
         return batch
 
 
+OneAnswer = Union[Tokenize, Detokenize, Embed, LoadAdapter, UnloadAdapter]
+
+
 class Reply:
-    """The one answer an engine gives to a `Tokenize` or `Detokenize`."""
+    """The one answer an engine gives to a `OneAnswer` request."""
 
     __slots__ = ("engine", "_future")
 
     def __init__(self, engine: "EngineConnection") -> None:
         self.engine = engine
-        self._future: asyncio.Future[Tokens] = asyncio.get_running_loop().create_future()
+        self._future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    def resolve(self, answer: Tokens) -> None:
+    def resolve(self, answer: Any) -> None:
         if not self._future.done():
             self._future.set_result(answer)
 
@@ -205,7 +215,7 @@ class Reply:
         if not self._future.done():
             self._future.set_exception(StreamFailed(failure))
 
-    async def wait(self, timeout_s: float) -> Tokens:
+    async def wait(self, timeout_s: float) -> Any:
         try:
             return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
         except asyncio.TimeoutError:
@@ -249,6 +259,16 @@ class EngineConnection:
             and self.status.state == "ready"
             and time.monotonic() - self.last_seen < self.timeout_s
         )
+
+    def models(self) -> list[ModelInfo]:
+        s = self.status
+        if s is None:
+            return []
+        # An engine of before model reports serves its one model.
+        return s.models or [ModelInfo(s.model, max_model_len=s.max_model_len)]
+
+    def serves(self, model: str) -> bool:
+        return any(m.name == model for m in self.models())
 
     @property
     def load(self) -> float:
@@ -320,18 +340,29 @@ class EngineClient:
             ))
         return out
 
-    def ready_status(self) -> EngineStatus | None:
+    def ready_status(self, model: str | None = None) -> EngineStatus | None:
+        """The status of a ready engine (serving `model`, when given)."""
         for e in self.engines:
-            if e.ready:
+            if e.ready and (model is None or e.serves(model)):
                 return e.status
         return None
+
+    def served_models(self) -> list[ModelInfo]:
+        """Every model the ready engines serve, once each, in engine order."""
+        seen: dict[str, ModelInfo] = {}
+        for e in self.engines:
+            if e.ready:
+                for m in e.models():
+                    seen.setdefault(m.name, m)
+        return list(seen.values())
 
     # ------------------------------------------------------------------- requests
 
     def submit(self, requests: list[Generate], exact: bool = False) -> RequestStream:
-        """Send these requests (the prompts of one client request) to one engine;
-        `exact`: the stream keeps the engine's batches as they are (see RequestStream)."""
-        engine = self._pick()
+        """Send these requests (the prompts of one client request) to one engine
+        serving their model; `exact`: the stream keeps the engine's batches as
+        they are (see RequestStream)."""
+        engine = self._pick(requests[0].model or None)
         if engine is None:
             raise NoEngine()
         try:  # before anything is sent: a value msgpack cannot carry fails the whole request
@@ -346,12 +377,24 @@ class EngineClient:
         engine.routed += len(requests)
         return stream
 
-    async def ask(self, msg: Tokenize | Detokenize, timeout_s: float = 30.0) -> Tokens:
-        """Send a one-answer request to the least-loaded ready engine and wait for
-        its answer; a failure raises `StreamFailed`, no engine `NoEngine`."""
-        engine = self._pick()
+    async def ask(self, msg: OneAnswer, model: str | None = None, timeout_s: float = 30.0) -> Any:
+        """Send a one-answer request to the least-loaded ready engine serving
+        `model` and wait for its answer; a failure raises `StreamFailed`, no
+        engine `NoEngine`."""
+        engine = self._pick(model)
         if engine is None:
             raise NoEngine()
+        return await self._ask(engine, msg, timeout_s)
+
+    async def ask_all(self, make: Callable[[], OneAnswer], model: str, timeout_s: float = 120.0) -> list[Any]:
+        """The same request to every ready engine serving `model` (LoRA adapters
+        are loaded on each); their answers, or the first failure."""
+        engines = [e for e in self.engines if e.ready and e.serves(model)]
+        if not engines:
+            raise NoEngine()
+        return list(await asyncio.gather(*(self._ask(e, make(), timeout_s) for e in engines)))
+
+    async def _ask(self, engine: "EngineConnection", msg: OneAnswer, timeout_s: float) -> Any:
         try:
             frame = encode(msg)
         except (OverflowError, TypeError, ValueError) as e:
@@ -371,8 +414,9 @@ class EngineClient:
         if live and abort:
             stream.engine.send(Abort(live))
 
-    def _pick(self) -> EngineConnection | None:
-        ready = [e for e in self.engines if e.ready]
+    def _pick(self, model: str | None = None) -> EngineConnection | None:
+        """The least-loaded ready engine (serving `model`, when given)."""
+        ready = [e for e in self.engines if e.ready and (model is None or e.serves(model))]
         if not ready:
             return None
         return min(ready, key=lambda e: e.load)
@@ -393,7 +437,7 @@ class EngineClient:
                 self._on_status(engine, msg)
             elif isinstance(msg, EngineMetrics):
                 engine.metrics = msg
-            elif isinstance(msg, Tokens):
+            elif isinstance(msg, (Tokens, Embeddings, Done)):
                 reply = engine.streams.pop(msg.request_id, None)
                 if isinstance(reply, Reply):
                     reply.resolve(msg)

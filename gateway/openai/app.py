@@ -30,7 +30,9 @@ from vllm_gateway.gateway.anthropic.schemas import decode_count_tokens_request, 
 from vllm_gateway.gateway.openai.responses import serving as responses
 from vllm_gateway.gateway.openai.responses.schemas import decode_responses_request
 from vllm_gateway.gateway.openai.responses.store import ResponseStore
-from vllm_gateway.gateway.openai import openapi
+from vllm_gateway.gateway.openai import adapters, openapi
+from vllm_gateway.gateway.openai.embeddings import embeddings
+from vllm_gateway.gateway.openai.auth import ApiKeyAuth
 from vllm_gateway.gateway.openai.calls import (
     Call,
     CallRun,
@@ -39,20 +41,24 @@ from vllm_gateway.gateway.openai.calls import (
     model_list,
     prepare_chat,
     prepare_completion,
+    Target,
     ready_engine,
+    target,
     tokenize,
 )
 from vllm_gateway.gateway.config import GatewaySettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
-from vllm_gateway.protocol.messages import EngineStatus
 from vllm_gateway.gateway.openai.schemas import (
     Health,
     Version,
     decode_chat_request,
     decode_completion_request,
     decode_detokenize_request,
+    decode_embedding_request,
+    decode_load_lora_request,
     decode_tokenize_request,
+    decode_unload_lora_request,
     json_encode,
 )
 
@@ -155,12 +161,12 @@ class Gateway:
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="service_unavailable_error", code="shutting_down")
 
-    async def _decode(self, request: Request, decode: Callable[[bytes], T]) -> tuple[T, EngineStatus]:
-        """The validated request body, and the status of a ready engine (the
-        model it serves and its context length)."""
+    async def _decode(self, request: Request, decode: Callable[[bytes], T], task: str = "generate") -> tuple[T, Target]:
+        """The validated request body, and the served model it names (a ready
+        engine serves it)."""
         self._check_open()
         req = decode_or_400(decode, await self._body(request))
-        return req, ready_engine(self.client)
+        return req, target(self.client, getattr(req, "model", None), task)
 
     async def chat_completions(self, request: Request) -> Response:
         req, engine = await self._decode(request, decode_chat_request)
@@ -205,6 +211,22 @@ class Gateway:
             return json_response(await messages.count_tokens(self.client, req, engine))
         except APIError as e:
             return anthropic_error_response(e)
+
+    async def embeddings(self, request: Request) -> Response:
+        req, engine = await self._decode(request, decode_embedding_request, task="embed")
+        return json_response(await self._until_disconnect(request, embeddings(self.client, req, engine)))
+
+    async def load_lora(self, request: Request) -> Response:
+        self._check_open()
+        req = decode_or_400(decode_load_lora_request, await self._body(request))
+        text = await adapters.load(self.client, req, self.settings.allow_runtime_lora)
+        return Response(text, media_type="text/plain")
+
+    async def unload_lora(self, request: Request) -> Response:
+        self._check_open()
+        req = decode_or_400(decode_unload_lora_request, await self._body(request))
+        text = await adapters.unload(self.client, req, self.settings.allow_runtime_lora)
+        return Response(text, media_type="text/plain")
 
     async def tokenize(self, request: Request) -> Response:
         req, engine = await self._decode(request, decode_tokenize_request)
@@ -360,6 +382,9 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
         ("post", "/v1/messages"): gw.messages,
         ("post", "/v1/messages/count_tokens"): gw.count_tokens,
         ("get", "/v1/models"): gw.models,
+        ("post", "/v1/embeddings"): gw.embeddings,
+        ("post", "/v1/load_lora_adapter"): gw.load_lora,
+        ("post", "/v1/unload_lora_adapter"): gw.unload_lora,
         ("post", "/tokenize"): gw.tokenize,
         ("post", "/detokenize"): gw.detokenize,
         ("get", "/version"): gw.version,
@@ -382,7 +407,8 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
             Exception: _unexpected,
         },
         lifespan=lifespan,
-        middleware=[Middleware(RequestMetrics)],
+        middleware=[Middleware(RequestMetrics),
+                    Middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=settings.open_paths)],
     )
     app.state.gateway = gw
     metrics.watch_engines(lambda: gw.client)

@@ -13,11 +13,19 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 
 from vllm_gateway.gateway.openai import validation
-from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, RequestStream, StreamFailed, Unencodable
+from vllm_gateway.gateway.engines.client import (
+    EngineClient,
+    NoEngine,
+    OneAnswer,
+    RequestStream,
+    StreamFailed,
+    Unencodable,
+)
 from vllm_gateway.gateway.openai.errors import APIError, from_failure
 from vllm_gateway.gateway.metrics import TTFT
 from vllm_gateway.gateway.openai.formatting import SSE_DONE, ChatFormatter, CompletionFormatter, Formatter, sse
@@ -40,7 +48,6 @@ from vllm_gateway.protocol.messages import (
     Prompt,
     TextPrompt,
     Tokenize,
-    Tokens,
 )
 
 
@@ -73,6 +80,7 @@ class Call:
 def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
     validation.check_model(req.model, model)
     gen = validation.chat_generate(req, f"chatcmpl-{uuid.uuid4().hex}")
+    gen.model = model
     opts = req.stream_options
     fmt = ChatFormatter(gen.request_id, req.n, model, role, continuous_usage=bool(opts and opts.continuous_usage_stats))
     return Call([gen], fmt, "messages", req.stream, (lambda: [fmt.usage_chunk()]) if opts and opts.include_usage else None,
@@ -82,6 +90,8 @@ def prepare_chat(req: ChatCompletionRequest, model: str, role: str) -> Call:
 def prepare_completion(req: CompletionRequest, model: str, max_model_len: int | None = None) -> Call:
     validation.check_model(req.model, model)
     gens = validation.completion_generates(req, f"cmpl-{uuid.uuid4().hex}", max_model_len)
+    for g in gens:
+        g.model = model
     opts = req.stream_options
     fmt = CompletionFormatter(
         [g.request_id for g in gens], req.n, model, echo=req.echo,
@@ -95,19 +105,55 @@ def no_engine() -> APIError:
 
 
 def ready_engine(client: EngineClient) -> EngineStatus:
-    """The status of a ready engine (the served model's name and length), or a 503."""
+    """The status of a ready engine, or a 503."""
     status = client.ready_status()
     if status is None:
         raise no_engine()
     return status
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The model a request is served by, as the routing found it."""
+
+    model: str  # the name answered with and sent to the engine (a LoRA adapter's, say)
+    max_model_len: int
+    task: str
+
+
+def target(client: EngineClient, requested: str | None, task: str = "generate") -> Target:
+    """The served model a request names (or, naming none, the first of its task);
+    a 404 naming the served ones when no ready engine serves it."""
+    served = client.served_models()
+    if not served:
+        raise no_engine()
+    if requested is None:
+        found = next((m for m in served if m.task == task and m.parent is None), None)
+        if found is None:
+            raise APIError(400, f"no model here serves {task}; served: " + ", ".join(
+                f"{m.name} ({m.task})" for m in served), param="model")
+    else:
+        found = next((m for m in served if m.name == requested), None)
+        if found is None:
+            raise APIError(404, f"The model `{requested}` does not exist. Served: "
+                           + ", ".join(m.name for m in served) + ".", param="model", code="model_not_found")
+        if found.task != task:
+            use = "/v1/embeddings" if found.task == "embed" else "a generation route"
+            raise APIError(400, f"The model `{requested}` is an {found.task} model: use {use}", param="model")
+    status = client.ready_status(found.name)
+    return Target(found.name, found.max_model_len or (status.max_model_len if status else 0), found.task)
+
+
 def model_list(client: EngineClient) -> ModelList:
-    status = ready_engine(client)
-    return ModelList([ModelCard(status.model, int(time.time()), max_model_len=status.max_model_len)])
+    served = client.served_models()
+    if not served:
+        raise no_engine()
+    now = int(time.time())
+    return ModelList([ModelCard(m.name, now, max_model_len=m.max_model_len or None, root=m.root or None,
+                                parent=m.parent) for m in served])
 
 
-async def tokenize(client: EngineClient, req: TokenizeRequest, engine: EngineStatus) -> TokenizeResponse:
+async def tokenize(client: EngineClient, req: TokenizeRequest, engine: Target) -> TokenizeResponse:
     """`POST /tokenize`: the prompt's tokens as a generation of it would see them."""
     validation.check_model(req.model, engine.model)
     prompt: Prompt
@@ -124,19 +170,22 @@ async def tokenize(client: EngineClient, req: TokenizeRequest, engine: EngineSta
     else:
         prompt = TextPrompt(req.prompt or "", True if req.add_special_tokens is None else req.add_special_tokens)
         param = "prompt"
-    answer = await ask_tokens(client, Tokenize(f"tok-{uuid.uuid4().hex}", prompt, req.return_token_strs), param)
+    answer = await ask_tokens(client, Tokenize(f"tok-{uuid.uuid4().hex}", prompt, req.return_token_strs), param,
+                              engine.model)
     return TokenizeResponse(len(answer.token_ids), engine.max_model_len, answer.token_ids, answer.token_strs)
 
 
-async def detokenize(client: EngineClient, req: DetokenizeRequest, engine: EngineStatus) -> DetokenizeResponse:
+async def detokenize(client: EngineClient, req: DetokenizeRequest, engine: Target) -> DetokenizeResponse:
     validation.check_model(req.model, engine.model)
-    answer = await ask_tokens(client, Detokenize(f"detok-{uuid.uuid4().hex}", list(req.tokens)), "tokens")
+    answer = await ask_tokens(client, Detokenize(f"detok-{uuid.uuid4().hex}", list(req.tokens)), "tokens",
+                              engine.model)
     return DetokenizeResponse(answer.text or "")
 
 
-async def ask_tokens(client: EngineClient, msg: Tokenize | Detokenize, param: str) -> Tokens:
+async def ask_tokens(client: EngineClient, msg: OneAnswer, param: str, model: str | None = None) -> Any:
+    """One answer from an engine serving `model`; its failure as the client's error."""
     try:
-        return await client.ask(msg)
+        return await client.ask(msg, model)
     except NoEngine:
         raise no_engine() from None
     except Unencodable as e:

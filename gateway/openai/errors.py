@@ -96,6 +96,7 @@ _FAILURES = {
     FailureKind.ENGINE_UNAVAILABLE: (503, "engine_unavailable", None),
     FailureKind.OVERLOADED: (503, "service_unavailable_error", "overloaded"),
     FailureKind.INTERNAL: (500, "server_error", None),
+    FailureKind.NOT_FOUND: (404, "not_found_error", "model_not_found"),
 }
 
 

@@ -50,11 +50,15 @@ from vllm_gateway.gateway.openai.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     Health,
+    LoadLoraRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoraRequest,
     Version,
 )
 
@@ -101,7 +105,15 @@ OPERATIONS = (
               (400, 404, 408, 413, 415, 503, 504), error_body=ErrorBody),
     Operation("post", "/v1/messages/count_tokens", "Count a message request's input tokens (Anthropic's)",
               CountTokensRequest, TokenCount_, errors=(400, 404, 408, 413, 415, 503), error_body=ErrorBody),
-    Operation("get", "/v1/models", "The models served", answer=ModelList, errors=(503,)),
+    Operation("get", "/v1/models", "The models served: base models, their LoRA adapters (with `parent`), "
+              "embedding models", answer=ModelList, errors=(503,)),
+    Operation("post", "/v1/embeddings", "Create embeddings (an embedding model's engine)", EmbeddingRequest,
+              EmbeddingResponse, errors=(400, 404, 408, 413, 415, 503)),
+    Operation("post", "/v1/load_lora_adapter", "Load a LoRA adapter on every engine of its base model "
+              "(VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)", LoadLoraRequest, other="text/plain",
+              errors=(400, 404, 408, 413, 415, 503)),
+    Operation("post", "/v1/unload_lora_adapter", "Unload a LoRA adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)",
+              UnloadLoraRequest, other="text/plain", errors=(400, 404, 408, 413, 415, 503)),
     Operation("get", "/health", "200 while an engine is ready; 503 (same body) otherwise or while draining",
               answer=Health, errors=(503,)),
     Operation("post", "/tokenize", "Tokenize a `prompt`, or `messages` as a chat request renders them (vLLM's route)",

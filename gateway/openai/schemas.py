@@ -238,7 +238,49 @@ class DetokenizeRequest(Struct, kw_only=True):
     tokens: Annotated[list[TokenId], Meta(max_length=1_000_000)]
 
 
+class EmbeddingRequest(Struct, kw_only=True):
+    """`POST /v1/embeddings`: `input` a string, a list of strings, token ids or
+    lists of token ids (checked in validation.py, as completions' prompt)."""
+
+    model: str | None = None
+    input: CompletionPrompt
+    encoding_format: str = "float"  # float or base64
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+    truncate_prompt_tokens: PositiveInt | None = None  # vLLM's: keep the last N tokens of each input
+    normalize: bool | None = None  # vLLM's: None keeps the model's pooler setting
+
+
+class LoadLoraRequest(Struct, kw_only=True):
+    lora_name: Annotated[str, Meta(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Meta(min_length=1)]
+    base_model_name: str | None = None  # which base model's engines load it (default: the first served)
+
+
+class UnloadLoraRequest(Struct, kw_only=True):
+    lora_name: Annotated[str, Meta(min_length=1, max_length=256)]
+    lora_int_id: int | None = None  # accepted, as vLLM takes it; the name decides
+
+
 # ---------------------------------------------------------------------- responses
+
+
+class Embedding(Struct):
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
 
 
 class TokenizeResponse(Struct):
@@ -388,6 +430,8 @@ class ModelCard(Struct):
     created: int
     owned_by: str = "vllm-gateway"
     max_model_len: int | None = None
+    root: str | None = None  # where the model (or adapter) was loaded from
+    parent: str | None = None  # a LoRA adapter's base model
     object: str = "model"
 
 
@@ -431,6 +475,9 @@ json_encode = msgspec.json.Encoder().encode
 decode_chat_request = msgspec.json.Decoder(ChatCompletionRequest).decode
 decode_completion_request = msgspec.json.Decoder(CompletionRequest).decode
 decode_tokenize_request = msgspec.json.Decoder(TokenizeRequest).decode
+decode_embedding_request = msgspec.json.Decoder(EmbeddingRequest).decode
+decode_load_lora_request = msgspec.json.Decoder(LoadLoraRequest).decode
+decode_unload_lora_request = msgspec.json.Decoder(UnloadLoraRequest).decode
 decode_detokenize_request = msgspec.json.Decoder(DetokenizeRequest).decode
 
 
@@ -449,3 +496,7 @@ def tokenize_request_from_dict(obj: Any) -> TokenizeRequest:
 
 def detokenize_request_from_dict(obj: Any) -> DetokenizeRequest:
     return msgspec.convert(obj, DetokenizeRequest)
+
+
+def embedding_request_from_dict(obj: Any) -> EmbeddingRequest:
+    return msgspec.convert(obj, EmbeddingRequest)

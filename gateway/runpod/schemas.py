@@ -17,7 +17,7 @@ from vllm_gateway.gateway.openai.schemas import ChatMessages, PositiveInt, Sampl
 # The routes a job reaches, by `openai_route` (POST, or GET for /v1/models) or by
 # worker-vllm's generic `{"route", "method", "body"}`.
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
-                 "/v1/messages/count_tokens", "/v1/models", "/tokenize", "/detokenize")
+                 "/v1/messages/count_tokens", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize")
 
 GrowthFactor = Annotated[float, Meta(ge=1.0)]
 
@@ -36,6 +36,8 @@ class JobInput(Struct, kw_only=True):
     method: str = "POST"
     body: dict[str, Any] | None = None
     # Standard mode
+    input: str | list[Any] | None = None  # embeddings, as worker-vllm takes them
+    model: str | None = None
     prompt: str | None = None
     messages: ChatMessages | None = None
     apply_chat_template: bool = False

@@ -38,12 +38,14 @@ from vllm_gateway.gateway.openai.calls import (
     prepare_chat,
     prepare_completion,
     ready_engine,
+    target,
     tokenize,
 )
 from vllm_gateway.gateway.config import RunPodSettings
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
 from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
+from vllm_gateway.gateway.openai.embeddings import embeddings
 from vllm_gateway.gateway.openai.responses import serving as responses
 from vllm_gateway.gateway.openai.responses.schemas import responses_request_from_dict
 from vllm_gateway.gateway.openai.responses.store import ResponseStore
@@ -53,6 +55,7 @@ from vllm_gateway.gateway.openai.schemas import (
     chat_request_from_dict,
     completion_request_from_dict,
     detokenize_request_from_dict,
+    embedding_request_from_dict,
     json_encode,
     tokenize_request_from_dict,
 )
@@ -163,6 +166,9 @@ class JobHandler:
     def _outputs(self, job: JobInput) -> AsyncIterator[Any]:
         if job.route is not None:
             return self._route(job.method.upper(), job.route, job.body or {}, job)
+        if job.openai_route is None and job.input is not None and job.prompt is None and job.messages is None:
+            body = {"input": job.input, **({"model": job.model} if job.model else {})}
+            return self._route("POST", "/v1/embeddings", body, job)
         if job.openai_route is None:
             return self._standard(job)
         if job.openai_route not in OPENAI_ROUTES:
@@ -210,7 +216,8 @@ class JobHandler:
         if path == "/v1/models":
             yield to_builtins(model_list(client))
             return
-        engine = ready_engine(client)
+        engine = target(client, body.get("model") if isinstance(body.get("model"), str) else None,
+                        "embed" if path == "/v1/embeddings" else "generate")
         model = engine.model
         if path == "/tokenize":
             yield to_builtins(await tokenize(client, decode_or_400(tokenize_request_from_dict, body, "openai_input"), engine))
@@ -218,6 +225,10 @@ class JobHandler:
         if path == "/detokenize":
             yield to_builtins(await detokenize(client, decode_or_400(detokenize_request_from_dict, body, "openai_input"),
                                                engine))
+            return
+        if path == "/v1/embeddings":
+            req = decode_or_400(embedding_request_from_dict, body, "openai_input")
+            yield to_builtins(await embeddings(client, req, engine))
             return
         if path == "/v1/messages/count_tokens":
             req = decode_or_400(count_tokens_request_from_dict, body, "openai_input")

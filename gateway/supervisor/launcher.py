@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,6 +194,21 @@ def plan_engines(env: Mapping[str, str], engine_argv: list[str], run_dir: str,
     return slots
 
 
+_PER_ENGINE = re.compile(r"^ENGINE_(\d+)_(\w+)$")
+
+
+def engine_env(env: dict[str, str], index: int) -> dict[str, str]:
+    """The environment of engine `index`: everyone's, with its own settings on top
+    (`ENGINE_1_MODEL_NAME=...`, `ENGINE_1_ENGINE_TASK=embed`: one box serving a
+    chat model and an embedding model)."""
+    out = dict(env)
+    for key, value in env.items():
+        m = _PER_ENGINE.match(key)
+        if m is not None and int(m.group(1)) == index:
+            out[m.group(2)] = value
+    return out
+
+
 class EngineProcesses:
     """Engine child processes, one per slot, each on its own ipc:// socket in a
     private directory. `poll()` restarts an engine that died, with backoff; an
@@ -213,7 +229,7 @@ class EngineProcesses:
         self._lock = threading.Lock()
 
     def _spawn(self, slot: EngineSlot) -> subprocess.Popen:
-        env = child_env()
+        env = engine_env(child_env(), slot.index)
         for k, v in slot.env.items():
             if k == "VLLM_CPU_OMP_THREADS_BIND" and k in env:
                 continue  # the operator's own binding wins

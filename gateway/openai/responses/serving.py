@@ -66,6 +66,7 @@ def prepare(req: ResponsesRequest, model: str, store: ResponseStore) -> Prepared
     if req.background and not req.store:
         raise APIError(400, "background responses must be stored (store: true)", param="background")
     gen = validation.chat_generate(convert.chat_request(req, history), f"resp-{uuid.uuid4().hex}")
+    gen.model = model
     template = Response(
         id=f"resp_{uuid.uuid4().hex}", created_at=now(), model=model, status="in_progress",
         instructions=req.instructions, max_output_tokens=req.max_output_tokens, temperature=req.temperature,

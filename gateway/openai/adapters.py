@@ -1,0 +1,51 @@
+"""LoRA adapters loaded and unloaded at run time (`POST /v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`, as `vllm serve` names them): on every ready engine of
+the base model, and only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is set, as vLLM
+gates them."""
+
+from __future__ import annotations
+
+import uuid
+
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, StreamFailed
+from vllm_gateway.gateway.openai.calls import no_engine, target
+from vllm_gateway.gateway.openai.errors import APIError, from_failure
+from vllm_gateway.gateway.openai.schemas import LoadLoraRequest, UnloadLoraRequest
+from vllm_gateway.protocol.messages import LoadAdapter, UnloadAdapter
+
+
+def _disabled() -> APIError:
+    return APIError(404, "loading LoRA adapters at run time is off: set VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 "
+                         "(and ENABLE_LORA=1 on the engines)", code="not_enabled")
+
+
+async def load(client: EngineClient, req: LoadLoraRequest, allowed: bool) -> str:
+    if not allowed:
+        raise _disabled()
+    base = target(client, req.base_model_name).model
+    try:
+        answers = await client.ask_all(lambda: LoadAdapter(f"lora-{uuid.uuid4().hex}", req.lora_name, req.lora_path),
+                                       base)
+    except NoEngine:
+        raise no_engine() from None
+    except StreamFailed as e:
+        raise from_failure(e.failure, "lora_path") from None
+    return answers[0].message
+
+
+async def unload(client: EngineClient, req: UnloadLoraRequest, allowed: bool) -> str:
+    if not allowed:
+        raise _disabled()
+    served = {m.name: m for m in client.served_models()}
+    adapter = served.get(req.lora_name)
+    if adapter is None or adapter.parent is None:
+        raise APIError(404, f"The LoRA adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                       code="model_not_found")
+    try:
+        answers = await client.ask_all(lambda: UnloadAdapter(f"lora-{uuid.uuid4().hex}", req.lora_name),
+                                       req.lora_name)
+    except NoEngine:
+        raise no_engine() from None
+    except StreamFailed as e:
+        raise from_failure(e.failure, "lora_name") from None
+    return answers[0].message
