@@ -140,3 +140,18 @@ def test_a_value_vllm_refuses_names_its_variable(vllm_parser):
         vllm_args({"SCHEDULING_POLICY": "random"}, [], vllm_parser())
     with pytest.raises(ValueError, match="VLLM_EXTRA_ARGS or the command line"):
         vllm_args({"VLLM_EXTRA_ARGS": "--no-such-flag"}, [], vllm_parser())
+
+
+def test_lora_modules_in_both_forms():
+    from vllm_gateway.engine.args import parse_lora_modules
+
+    assert parse_lora_modules("a=/x/a b=/x/b,c=/x/c") == [
+        {"name": "a", "path": "/x/a"}, {"name": "b", "path": "/x/b"}, {"name": "c", "path": "/x/c"}]
+    one = '{"name": "a", "path": "/x/a", "base_model_name": "m"}'
+    assert parse_lora_modules(one) == [{"name": "a", "path": "/x/a", "base_model_name": "m"}]
+    assert parse_lora_modules(f"[{one}]") == parse_lora_modules(one + "\n" + one)[:1]
+    for bad in ("a", "=/x", '{"name": "a"}'):
+        with pytest.raises(ValueError):
+            parse_lora_modules(bad)
+    with pytest.raises(ValueError, match="LORA_MODULES"):
+        collect({"LORA_MODULES": "nonsense"})

@@ -110,7 +110,8 @@ def test_openapi_document_lists_every_route(http):
     assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
                                  "/metrics", "/openapi.json", "/tokenize", "/detokenize", "/version", "/ping",
                                  "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
-                                 "/v1/messages", "/v1/messages/count_tokens"}
+                                 "/v1/messages", "/v1/messages/count_tokens", "/v1/embeddings",
+                                 "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     request = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     props = doc["components"]["schemas"][request]["properties"]

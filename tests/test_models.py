@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import time
 
 import httpx
 import openai
@@ -31,12 +32,13 @@ def make_adapter(folder, seed: int) -> str:
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(ensure(None), dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                        init_lora_weights=False)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.2)
     model.save_pretrained(folder)
     return str(folder)
 
@@ -60,6 +62,13 @@ def box(run_dir, adapters, gateway_url):  # gateway_url: start after the shared 
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S  # /health is 200 once one engine is ready
+        while time.monotonic() < deadline:
+            listed = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+            if len(listed.get("data", [])) == 3:
+                break
+            assert proc.alive(), proc.tail()
+            time.sleep(0.5)
         yield url
     finally:
         proc.stop()
@@ -71,7 +80,10 @@ def c(box):
 
 
 def greedy(c, model: str) -> str:
-    return c.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0).choices[0].message.content
+    """A greedy answer open enough for an adapter to change (the capital of
+    France, asked as a chat, is answered alike by any of them)."""
+    story = [{"role": "user", "content": "Tell me a story about a cat."}]
+    return c.chat.completions.create(model=model, messages=story, max_tokens=16, temperature=0).choices[0].message.content
 
 
 def test_models_listed_with_adapters_and_embedder(c):
@@ -132,7 +144,9 @@ def test_embeddings_from_the_real_minilm(c):
                      json={"model": EMBEDDER, "prompt": texts[0]}).json()["tokens"]
     t = c.embeddings.create(model=EMBEDDER, input=[ids])
     assert max(abs(x - y) for x, y in zip(t.data[0].embedding, vectors[0])) < 1e-5
-    assert c.embeddings.create(input="no model named").model == EMBEDDER
+    unnamed = httpx.post(str(c.base_url) + "embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"input": "no model named"}, timeout=60)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == EMBEDDER
 
 
 def test_each_request_goes_to_the_engine_of_its_model(c):
@@ -153,3 +167,27 @@ def test_each_request_goes_to_the_engine_of_its_model(c):
 def test_one_key_for_the_box(box):
     assert httpx.get(box + "/v1/models").status_code == 401
     assert httpx.get(box + "/health").status_code == 200
+
+
+def test_runpod_worker_serves_the_models_and_worker_vllms_embedding_input(box, run_dir):
+    """A RunPod worker in front of the same two engines: embeddings by
+    worker-vllm's `{"input": ...}`, an adapter by name; RunPod's own auth, no key."""
+    from runpod_queue import JobQueue
+
+    endpoints = [e["endpoint"] for e in httpx.get(box + "/health").json()["engines"]]
+    queue = JobQueue()
+    cwd = run_dir / "runpod-models"
+    cwd.mkdir(exist_ok=True)
+    env = child_env(ENGINE_ENDPOINTS=",".join(endpoints), API_KEY="ignored-here", **queue.env())
+    worker = Proc("runpod-models", ["vllm_gateway.gateway", "runpod"], env, run_dir, cwd=cwd)
+    try:
+        _, result = queue.run({"input": ["A man is playing a guitar.", "Someone plays an instrument."]}, 120)
+        [out] = result["output"]
+        assert out["model"] == EMBEDDER and [len(d["embedding"]) for d in out["data"]] == [384, 384]
+        body = {"model": "french", "messages": [{"role": "user", "content": "Tell me a story about a cat."}],
+                "max_tokens": 16, "temperature": 0}
+        _, result = queue.run({"openai_route": "/v1/chat/completions", "openai_input": body}, 120)
+        assert result["output"][0]["model"] == "french"
+    finally:
+        worker.stop()
+        queue.close()

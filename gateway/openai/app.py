@@ -161,7 +161,8 @@ class Gateway:
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="service_unavailable_error", code="shutting_down")
 
-    async def _decode(self, request: Request, decode: Callable[[bytes], T], task: str = "generate") -> tuple[T, Target]:
+    async def _decode(self, request: Request, decode: Callable[[bytes], T],
+                      task: str | None = "generate") -> tuple[T, Target]:
         """The validated request body, and the served model it names (a ready
         engine serves it)."""
         self._check_open()
@@ -229,11 +230,11 @@ class Gateway:
         return Response(text, media_type="text/plain")
 
     async def tokenize(self, request: Request) -> Response:
-        req, engine = await self._decode(request, decode_tokenize_request)
+        req, engine = await self._decode(request, decode_tokenize_request, task=None)
         return json_response(await self._until_disconnect(request, tokenize(self.client, req, engine)))
 
     async def detokenize(self, request: Request) -> Response:
-        req, engine = await self._decode(request, decode_detokenize_request)
+        req, engine = await self._decode(request, decode_detokenize_request, task=None)
         return json_response(await self._until_disconnect(request, detokenize(self.client, req, engine)))
 
     async def version(self, request: Request) -> Response:

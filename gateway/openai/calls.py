@@ -121,14 +121,15 @@ class Target:
     task: str
 
 
-def target(client: EngineClient, requested: str | None, task: str = "generate") -> Target:
-    """The served model a request names (or, naming none, the first of its task);
-    a 404 naming the served ones when no ready engine serves it."""
+def target(client: EngineClient, requested: str | None, task: str | None = "generate") -> Target:
+    """The served model a request names (or, naming none, the first of its task;
+    `task` None: any task); a 404 naming the served ones when no ready engine
+    serves it."""
     served = client.served_models()
     if not served:
         raise no_engine()
     if requested is None:
-        found = next((m for m in served if m.task == task and m.parent is None), None)
+        found = next((m for m in served if task in (None, m.task) and m.parent is None), None)
         if found is None:
             raise APIError(400, f"no model here serves {task}; served: " + ", ".join(
                 f"{m.name} ({m.task})" for m in served), param="model")
@@ -137,7 +138,7 @@ def target(client: EngineClient, requested: str | None, task: str = "generate") 
         if found is None:
             raise APIError(404, f"The model `{requested}` does not exist. Served: "
                            + ", ".join(m.name for m in served) + ".", param="model", code="model_not_found")
-        if found.task != task:
+        if task is not None and found.task != task:
             use = "/v1/embeddings" if found.task == "embed" else "a generation route"
             raise APIError(400, f"The model `{requested}` is an {found.task} model: use {use}", param="model")
     status = client.ready_status(found.name)

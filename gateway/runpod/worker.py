@@ -217,7 +217,8 @@ class JobHandler:
             yield to_builtins(model_list(client))
             return
         engine = target(client, body.get("model") if isinstance(body.get("model"), str) else None,
-                        "embed" if path == "/v1/embeddings" else "generate")
+                        "embed" if path == "/v1/embeddings" else None if path in ("/tokenize", "/detokenize")
+                        else "generate")
         model = engine.model
         if path == "/tokenize":
             yield to_builtins(await tokenize(client, decode_or_400(tokenize_request_from_dict, body, "openai_input"), engine))
