@@ -8,7 +8,7 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from vllm_gateway.gateway.openai.schemas import MAX_MESSAGES, MAX_STOP, NonNegFloat, TokenCount
+from vllm_gateway.gateway.openai.schemas import MAX_MESSAGES, MAX_STOP, NonNegFloat, TokenCount, from_dict
 
 # ----------------------------------------------------------------------- request
 
@@ -170,9 +170,5 @@ decode_messages_request = msgspec.json.Decoder(MessagesRequest).decode
 decode_count_tokens_request = msgspec.json.Decoder(CountTokensRequest).decode
 
 
-def messages_request_from_dict(obj: Any) -> MessagesRequest:
-    return msgspec.convert(obj, MessagesRequest)
-
-
-def count_tokens_request_from_dict(obj: Any) -> CountTokensRequest:
-    return msgspec.convert(obj, CountTokensRequest)
+messages_request_from_dict = from_dict(MessagesRequest)
+count_tokens_request_from_dict = from_dict(CountTokensRequest)

@@ -11,6 +11,7 @@ value beyond either is a 400 naming the field, never a server error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -481,22 +482,14 @@ decode_unload_lora_request = msgspec.json.Decoder(UnloadLoraRequest).decode
 decode_detokenize_request = msgspec.json.Decoder(DetokenizeRequest).decode
 
 
-def chat_request_from_dict(obj: Any) -> ChatCompletionRequest:
-    """For inputs that arrive already parsed (RunPod jobs)."""
-    return msgspec.convert(obj, ChatCompletionRequest)
+def from_dict(type_: type) -> Callable[[Any], Any]:
+    """A checker for inputs that arrive already parsed (RunPod jobs): builtins in,
+    `type_` out, with the same checks as the HTTP decoders."""
+    return lambda obj: msgspec.convert(obj, type_)
 
 
-def completion_request_from_dict(obj: Any) -> CompletionRequest:
-    return msgspec.convert(obj, CompletionRequest)
-
-
-def tokenize_request_from_dict(obj: Any) -> TokenizeRequest:
-    return msgspec.convert(obj, TokenizeRequest)
-
-
-def detokenize_request_from_dict(obj: Any) -> DetokenizeRequest:
-    return msgspec.convert(obj, DetokenizeRequest)
-
-
-def embedding_request_from_dict(obj: Any) -> EmbeddingRequest:
-    return msgspec.convert(obj, EmbeddingRequest)
+chat_request_from_dict = from_dict(ChatCompletionRequest)
+completion_request_from_dict = from_dict(CompletionRequest)
+tokenize_request_from_dict = from_dict(TokenizeRequest)
+detokenize_request_from_dict = from_dict(DetokenizeRequest)
+embedding_request_from_dict = from_dict(EmbeddingRequest)

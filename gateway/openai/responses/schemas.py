@@ -10,7 +10,7 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from vllm_gateway.gateway.openai.schemas import NonNegFloat, TokenCount
+from vllm_gateway.gateway.openai.schemas import NonNegFloat, TokenCount, from_dict
 
 # ----------------------------------------------------------------------- request
 
@@ -198,47 +198,37 @@ class ItemDone(ResponseEvent, tag="response.output_item.done"):
     item: OutputItem
 
 
-class PartAdded(ResponseEvent, tag="response.content_part.added"):
+class _ContentEvent(ResponseEvent):
+    """An event about one content part of one output item."""
+
     item_id: str
     output_index: int
     content_index: int
+
+
+class PartAdded(_ContentEvent, tag="response.content_part.added"):
     part: OutputText | ReasoningText
 
 
-class PartDone(ResponseEvent, tag="response.content_part.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class PartDone(_ContentEvent, tag="response.content_part.done"):
     part: OutputText | ReasoningText
 
 
-class TextDelta(ResponseEvent, tag="response.output_text.delta"):
-    item_id: str
-    output_index: int
-    content_index: int
+class TextDelta(_ContentEvent, tag="response.output_text.delta"):
     delta: str
     logprobs: list[Any] = []
 
 
-class TextDone(ResponseEvent, tag="response.output_text.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class TextDone(_ContentEvent, tag="response.output_text.done"):
     text: str
     logprobs: list[Any] = []
 
 
-class ReasoningDelta(ResponseEvent, tag="response.reasoning_text.delta"):
-    item_id: str
-    output_index: int
-    content_index: int
+class ReasoningDelta(_ContentEvent, tag="response.reasoning_text.delta"):
     delta: str
 
 
-class ReasoningDone(ResponseEvent, tag="response.reasoning_text.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class ReasoningDone(_ContentEvent, tag="response.reasoning_text.done"):
     text: str
 
 
@@ -264,5 +254,4 @@ class ErrorEvent(ResponseEvent, tag="error"):
 decode_responses_request = msgspec.json.Decoder(ResponsesRequest).decode
 
 
-def responses_request_from_dict(obj: Any) -> ResponsesRequest:
-    return msgspec.convert(obj, ResponsesRequest)
+responses_request_from_dict = from_dict(ResponsesRequest)
