@@ -183,10 +183,11 @@ async def detokenize(client: EngineClient, req: DetokenizeRequest, engine: Targe
     return DetokenizeResponse(answer.text or "")
 
 
-async def ask_tokens(client: EngineClient, msg: OneAnswer, param: str, model: str | None = None) -> Any:
+async def ask_tokens(client: EngineClient, msg: OneAnswer, param: str, model: str | None = None,
+                     timeout_s: float = 30.0) -> Any:
     """One answer from an engine serving `model`; its failure as the client's error."""
     try:
-        return await client.ask(msg, model)
+        return await client.ask(msg, model, timeout_s)
     except NoEngine:
         raise no_engine() from None
     except Unencodable as e:

@@ -15,6 +15,9 @@ from vllm_gateway.gateway.openai.schemas import Embedding, EmbeddingRequest, Emb
 from vllm_gateway.protocol.messages import Embed, Embeddings, TextPrompt, TokensPrompt
 
 
+EMBED_TIMEOUT_S = 600.0
+
+
 def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
@@ -30,7 +33,8 @@ async def embeddings(client: EngineClient, req: EmbeddingRequest, engine: Target
         raise APIError(e.status, e.message.replace("prompt", "input"), param="input") from None
     prompts: list[TextPrompt | TokensPrompt] = [p for p in inputs if isinstance(p, (TextPrompt, TokensPrompt))]
     msg = Embed(f"embd-{uuid.uuid4().hex}", prompts, req.dimensions, req.normalize, req.truncate_prompt_tokens)
-    answer: Embeddings = await ask_tokens(client, msg, "input", engine.model)
+    # A large batch on a CPU takes a while; the client's disconnect still ends it early.
+    answer: Embeddings = await ask_tokens(client, msg, "input", engine.model, timeout_s=EMBED_TIMEOUT_S)
     encode = _base64 if req.encoding_format == "base64" else (lambda v: v)
     data = [Embedding(i, encode(v)) for i, v in enumerate(answer.vectors)]
     used = sum(answer.num_prompt_tokens)
