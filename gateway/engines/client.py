@@ -207,6 +207,10 @@ class Reply:
         self.engine = engine
         self._future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
     def resolve(self, answer: Any) -> None:
         if not self._future.done():
             self._future.set_result(answer)
@@ -405,7 +409,9 @@ class EngineClient:
         try:
             return await reply.wait(timeout_s)
         finally:
-            engine.streams.pop(msg.request_id, None)
+            # Given up on (the client left, or it took too long): the engine stops it too.
+            if engine.streams.pop(msg.request_id, None) is not None and not reply.done:
+                engine.send(Abort([msg.request_id]))
 
     def release(self, stream: RequestStream, *, abort: bool) -> None:
         """Forget a client request; with `abort`, also free its engine slots now
