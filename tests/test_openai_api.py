@@ -185,6 +185,6 @@ def test_out_of_vocab_token_prompt(http):
 
 
 def test_unknown_route_and_method(http):
-    _error(http, "/v1/embeddings", {"input": "x"}, 404)
+    _error(http, "/v1/audio/speech", {"input": "x"}, 404)
     r = http.get("/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()

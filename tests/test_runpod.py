@@ -300,7 +300,7 @@ def test_standard_chat_template_and_default_max_tokens(queue, worker):
     ({"prompt": "hi", "sampling_params": {"max_tokenz": 5}}, "sampling_params.max_tokenz", None),
     ({"prompt": "hi", "min_batch_size": 0}, "min_batch_size", None),
     ({"prompt": "hi " * 3000}, "prompt", "context_length_exceeded"),
-    ({"openai_route": "/v1/embeddings", "openai_input": {"input": "x"}}, "openai_route", "unknown_route"),
+    ({"openai_route": "/v1/audio/speech", "openai_input": {"input": "x"}}, "openai_route", "unknown_route"),
     ({"openai_route": "/v1/responses", "openai_input": {"input": "x", "previous_response_id": "resp_none"}},
      "previous_response_id", "previous_response_not_found"),
     ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "gpt-4", "messages": FRANCE}}, "model", "model_not_found"),
