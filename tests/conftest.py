@@ -4,6 +4,7 @@ HTTP gateway, both real processes, started once for the whole session."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,7 +24,26 @@ ENGINE_START_TIMEOUT_S = 600
 BODY_TIMEOUT_S = 2  # the shared gateway's REQUEST_BODY_TIMEOUT_S
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range: a port the kernel hands out
+    for `bind(0)` (as vLLM does for its own sockets while our process starts) could
+    be taken again between this check and the server's bind."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 20000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
