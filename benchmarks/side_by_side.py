@@ -114,9 +114,17 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--trials", type=int, default=1, help="runs of the pair, order alternating; ratios: the median")
     p.add_argument("--out", default="benchmarks/results/side_by_side.json")
+    p.add_argument("--tiny-model", action="store_true",
+                   help="SmolLM2's config cut to 1 layer, hidden size 64, random weights (LOAD_FORMAT=dummy): "
+                        "the front ends' cost, not the model's (benchmarks/tiny_model.py)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's, for both servers")
     a = p.parse_args()
 
     model = a.model
+    if a.tiny_model:
+        from tiny_model import build
+
+        model = str(build(ROOT / "benchmarks" / "results" / "tiny-smollm2"))
     if model is None:
         from vllm_gateway.engine import default_model
 
@@ -132,6 +140,12 @@ def main() -> None:
     ]
     ours_env = dict(env, MODEL_NAME=model, OPENAI_SERVED_MODEL_NAME_OVERRIDE=served, DTYPE=a.dtype,
                     ENFORCE_EAGER="1", MAX_MODEL_LEN=str(a.max_model_len), LOG_LEVEL="WARNING")
+    if a.tiny_model:
+        vllm_cmd += ["--load-format", "dummy"]
+        ours_env["LOAD_FORMAT"] = "dummy"
+    if a.max_num_seqs is not None:
+        vllm_cmd += ["--max-num-seqs", str(a.max_num_seqs)]
+        ours_env["MAX_NUM_SEQS"] = str(a.max_num_seqs)
 
     def run_vllm() -> dict:
         port = free_port()
@@ -159,7 +173,8 @@ def main() -> None:
         "trials": trials,
         "ratios_ours_over_vllm": {k: statistics.median(t["ratios_ours_over_vllm"][k] for t in trials) for k in keys},
     }
-    results["settings"] = {"model": model, "dtype": a.dtype, "max_model_len": a.max_model_len, **load_args}
+    results["settings"] = {**load_args, "model_path": model, "tiny_model": a.tiny_model, "max_num_seqs": a.max_num_seqs,
+                           "dtype": a.dtype, "max_model_len": a.max_model_len}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
