@@ -118,6 +118,7 @@ def main() -> None:
                    help="SmolLM2's config cut to 1 layer, hidden size 64, random weights (LOAD_FORMAT=dummy): "
                         "the front ends' cost, not the model's (benchmarks/tiny_model.py)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's, for both servers")
+    p.add_argument("--only", choices=["vllm", "ours"], help="run one server alone (no ratios): for profiling")
     a = p.parse_args()
 
     model = a.model
@@ -158,6 +159,9 @@ def main() -> None:
                        f"http://127.0.0.1:{port}", ours_role, load_args,
                        "benchmarks/results/side_by_side_vllm_gateway.png")
 
+    if a.only:
+        print(json.dumps(run_vllm() if a.only == "vllm" else run_ours()))
+        return
     trials = []
     for i in range(a.trials):
         if i % 2 == 0:

@@ -1,10 +1,11 @@
 """The engine process: one vLLM AsyncLLM served over a ZeroMQ ROUTER socket.
 
-Gateways connect DEALER sockets and send `Hello`, `Generate` and `Abort`. Each
-`Generate` runs as one asyncio task iterating `AsyncLLM.generate`; the deltas that
-all tasks produce from one engine step are coalesced into one `Outputs` message per
-gateway (see `_queue`). Aborting cancels the task, and vLLM frees the request's
-slot and KV cache as the cancellation passes through `generate`.
+Gateways connect DEALER sockets and send `Hello`, `Generate` and `Abort`. A
+`Generate` is rendered in a short task and added to vLLM; from then on vLLM's
+output handler feeds it (engine/running.py), and the deltas of all requests from
+one engine step go out as one `Outputs` message per gateway (see `queue_delta`).
+Aborting cancels the setup task, or asks vLLM to abort the request, which frees
+its slot and KV cache.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vllm_gateway.engine.models import ServedModels
 from vllm_gateway.engine.failures import BadRequest
 from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
+from vllm_gateway.engine.running import Running
 from vllm_gateway.engine.stats import RequestStats
 from vllm_gateway.protocol.metrics import EngineMetrics
 from vllm_gateway.protocol.transport import ServerKeys, secure_server
@@ -106,6 +108,27 @@ class _LoadRecorder(StatLoggerBase):
         pass
 
 
+def _lighten_output_path(llm: AsyncLLM) -> None:
+    """Two costs vLLM's output handler pays on every token that this process
+    does not need (together a third of its CPU at 128 streams, by py-spy):
+
+    - vLLM's Prometheus stat logger: no one scrapes this process's registry (the
+      gateway exports the engines' metrics, from `RequestStats`). Our own logger
+      (`_LoadRecorder`) and vLLM's periodic log line stay.
+    - `vllm.envs` reads the environment on every attribute access until
+      `enable_envs_cache()`, which vLLM's engine core calls once it is up; its
+      output handler reads one per token. The environment is settled by now.
+    """
+    from vllm import envs
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    manager = getattr(llm, "logger_manager", None)
+    if manager is not None and hasattr(manager, "stat_loggers"):
+        manager.stat_loggers = [s for s in manager.stat_loggers if not isinstance(s, PrometheusStatLogger)]
+    if hasattr(envs, "enable_envs_cache"):
+        envs.enable_envs_cache()
+
+
 class EngineServer:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -117,7 +140,9 @@ class EngineServer:
         self.chat: ChatRenderer | None = None
         self.models: ServedModels | None = None
         self.load = Load()
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.tasks: dict[str, asyncio.Task] = {}  # requests being set up, one-answer calls
+        self.running: dict[str, Running] = {}  # generations in vLLM
+        self._background: set[asyncio.Future] = set()
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
         self.incompatible: set[bytes] = set()  # gateways of another protocol version
@@ -136,6 +161,7 @@ class EngineServer:
         args = AsyncEngineArgs(**self.config.engine_args)
         # vLLM calls a per-engine stat logger factory with (vllm_config, engine_index).
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])
+        _lighten_output_path(self.llm)
         self.max_model_len = self.llm.model_config.max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.chat = ChatRenderer(self.llm, self.config.chat)
@@ -204,9 +230,7 @@ class EngineServer:
                     self._start_call(ident, msg)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
-                    task = self.tasks.get(rid)
-                    if task is not None:
-                        task.cancel()
+                    self.abort(rid)
             elif isinstance(msg, Hello):
                 if msg.protocol_version != PROTOCOL_VERSION:
                     if ident not in self.incompatible:
@@ -221,7 +245,7 @@ class EngineServer:
 
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
-        if rid in self.tasks:
+        if rid in self.tasks or rid in self.running:
             self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
             return
         self.gateways.setdefault(ident, time.monotonic())
@@ -292,7 +316,7 @@ class EngineServer:
             if self.llm is not None and self.llm.errored:
                 log.error("vLLM engine core died: %s", self.llm.dead_error)
                 self._stopping.set()
-            was_busy, busy = busy, bool(self.tasks)
+            was_busy, busy = busy, bool(self.tasks or self.running)
             if busy or was_busy:  # once more after the last request: its end shows at once
                 self._broadcast_status()
 
@@ -303,7 +327,7 @@ class EngineServer:
         if orphans:
             log.warning("a gateway went silent; aborting its %d request(s)", len(orphans))
         for rid in orphans:
-            self.tasks[rid].cancel()
+            self.abort(rid)
             # Should the gateway still be there after all, it learns at once.
             self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE,
                                             "the engine lost contact with this gateway and stopped the request"))
@@ -312,7 +336,7 @@ class EngineServer:
         assert self.sock is not None
         self.sock.send_multipart([ident, encode(msg)], copy=False)
 
-    def _queue(self, ident: bytes, delta: Delta) -> None:
+    def queue_delta(self, ident: bytes, delta: Delta) -> None:
         """Hold a delta until every request woken by the same engine step has had
         its turn, then send them all in one message per gateway."""
         pending = self._pending.get(ident)
@@ -333,9 +357,13 @@ class EngineServer:
     # ----------------------------------------------------------------- generation
 
     async def _generate(self, ident: bytes, req: Generate) -> None:
+        """Render the request and hand it to vLLM. The task ends there: vLLM's
+        output handler then calls the request's `Running.on_output` with each
+        step's output (see `Running`), so no task wakes per request per step."""
         rid = req.request_id
         assert self.llm is not None and self.inputs is not None
         stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
+        submitted = False
         try:
             assert self.models is not None
             if self.models.task != "generate":
@@ -351,44 +379,70 @@ class EngineServer:
                     parsers = lambda: self.chat.output_parser(chat, stream)  # noqa: E731
             if rendered.params.structured_outputs is not None:
                 self._verify_structured_outputs(rendered.params, req)
-            builder = OutputBuilder(req, rendered, self.tokenizer, parsers)
-            core_stats = None
-            async for out in self.llm.generate(rendered.engine_input, rendered.params, rid, lora_request=lora,
-                                               **kwargs):
-                stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs))
-                core_stats = out.metrics
-                for delta in builder.deltas(out):
-                    self._queue(ident, delta)
-            stats.on_finish(builder.reasons, core_stats)
+            running = Running(self, ident, rid, OutputBuilder(req, rendered, self.tokenizer, parsers), stats)
+            submitted = True
+            queue = await self.llm.add_request(rid, rendered.engine_input, rendered.params, lora_request=lora,
+                                               **kwargs)
+            running.attach(queue)
         except asyncio.CancelledError:
-            stats.on_abort()  # vLLM has already freed the request inside generate()
-        except BadRequest as e:
-            self._send(ident, RequestFailed(rid, e.kind, str(e), param=e.param))
-        except EngineDeadError:
-            self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine died; retry the request"))
+            stats.on_abort()
+            self.forget(rid)
+            if submitted:  # vLLM may hold it already: by our id, vLLM aborts whatever it holds
+                self.spawn(self.llm.abort(rid))
+        except Exception as e:
+            self.fail(ident, rid, e)
+            if submitted and not isinstance(e, EngineDeadError):
+                self.spawn(self.llm.abort(rid))
+        finally:
+            self.tasks.pop(rid, None)
+
+    def fail(self, ident: bytes, rid: str, e: BaseException) -> None:
+        """A request's failure as the gateway's `RequestFailed`; the request is forgotten."""
+        self.forget(rid)
+        if isinstance(e, BadRequest):
+            failure = RequestFailed(rid, e.kind, str(e), param=e.param)
+        elif isinstance(e, EngineDeadError):
+            failure = RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine died; retry the request")
             self._stopping.set()
-        except (VLLMClientError, ValueError, TypeError) as e:  # vLLM's own validation
-            self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None)))
-        except GracefulHTTPError as e:  # e.g. vLLM's admission control
+        elif isinstance(e, (VLLMClientError, ValueError, TypeError)):  # vLLM's own validation
+            failure = RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None))
+        elif isinstance(e, GracefulHTTPError):  # e.g. vLLM's admission control
             status = int(e.http_status)
             kind = (FailureKind.OVERLOADED if status in (429, 503) else
                     FailureKind.BAD_REQUEST if status < 500 else FailureKind.INTERNAL)
-            self._send(ident, RequestFailed(rid, kind, e.message))
-        except Exception as e:
-            log.exception("request %s failed", rid)
+            failure = RequestFailed(rid, kind, e.message)
+        else:
+            log.error("request %s failed", rid, exc_info=e)
             cause = e.__cause__ if e.__cause__ is not None else e
-            self._send(ident, RequestFailed(rid, FailureKind.INTERNAL,
-                                            f"internal engine error: {type(cause).__name__}: {cause}"))
-        finally:
-            self.tasks.pop(rid, None)
-            self.owner.pop(rid, None)
-            self.stats.pop(rid, None)
+            failure = RequestFailed(rid, FailureKind.INTERNAL, f"internal engine error: {type(cause).__name__}: {cause}")
+        self._send(ident, failure)
+
+    def forget(self, rid: str) -> None:
+        self.running.pop(rid, None)
+        self.owner.pop(rid, None)
+        self.stats.pop(rid, None)
+
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` in the background, keeping it referenced until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def abort(self, rid: str) -> None:
+        """Stop a request: cancel its setup, or have vLLM free its slot and KV cache."""
+        task = self.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+            return
+        running = self.running.get(rid)
+        if running is not None:
+            running.abort()
 
     def _start_call(self, ident: bytes, msg: Any) -> None:
         """A one-answer request: tokens, embeddings, an adapter loaded or unloaded.
         Embeddings run as tasks an `Abort` can cancel, as generations do."""
         rid = msg.request_id
-        if rid in self.tasks:
+        if rid in self.tasks or rid in self.running:
             self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
             return
         self.owner[rid] = ident

@@ -28,14 +28,41 @@ REQUESTS = Counter("vllm_gateway:requests", "Client requests by route and status
 ERRORS = Counter("vllm_gateway:errors", "Errors returned to clients, by OpenAI error type.",
                  ["type"], registry=REGISTRY)
 IN_FLIGHT = Gauge("vllm_gateway:requests_in_flight", "Client requests being served now.", registry=REGISTRY)
-STREAM_BATCHES = Counter("vllm_gateway:stream_batches",
-                         "Stream writes: SSE batches (http) or stream outputs (runpod).", ["intake"], registry=REGISTRY)
+
+
+class _Tally:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+class _StreamBatches:
+    """Stream writes by intake. Counted on every streamed write, so plain ints
+    (a prometheus_client Counter takes a lock per increment), read at scrape."""
+
+    def __init__(self, intakes: tuple[str, ...]) -> None:
+        self.tallies = {intake: _Tally() for intake in intakes}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("vllm_gateway:stream_batches",
+                                     "Stream writes: SSE batches (http) or stream outputs (runpod).", labels=["intake"])
+        for intake, tally in self.tallies.items():
+            family.add_metric([intake], tally.value)
+        yield family
+
+
+STREAM_BATCHES = _StreamBatches(("http", "runpod"))
+REGISTRY.register(STREAM_BATCHES)
 TTFT = Histogram("vllm_gateway:time_to_first_token_seconds",
                  "From a request's submission to an engine to its first output, as the gateway sees it.",
                  buckets=TIME_TO_FIRST_TOKEN_BUCKETS, registry=REGISTRY)
 
-HTTP_BATCHES = STREAM_BATCHES.labels("http")
-RUNPOD_BATCHES = STREAM_BATCHES.labels("runpod")
+HTTP_BATCHES = STREAM_BATCHES.tallies["http"]
+RUNPOD_BATCHES = STREAM_BATCHES.tallies["runpod"]
 
 _HELP = {
     "time_to_first_token_seconds": "Histogram of time to first token in seconds.",

@@ -281,6 +281,9 @@ class Gateway:
         raise ClientGone()
 
 
+# The ASGI server's own `send`, for the body of a stream (see `SSEResponse`).
+SERVER_SEND = "vllm_gateway.server_send"
+
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
 )
@@ -289,39 +292,47 @@ SSE_HEADERS = (
 class SSEResponse:
     """A streamed answer as server-sent events, one write per engine output batch.
 
-    Every streamed token passes through here, so it is an ASGI response of its own
-    rather than a StreamingResponse over async generators: one coroutine call per
-    batch, and one task that waits for the client to disconnect (which ends the
-    stream and frees the engine slots at once)."""
+    Every streamed token passes through here, so the stream is written by a task
+    of its own (`_write`): a wake-up per batch resumes a few frames, not the
+    dozen of the ASGI app's middleware stack, and its writes go to the server's
+    own `send` (`GatewayApp`), past the middlewares' send wrappers, which only
+    look at the response's start. The app's coroutine waits for the stream's
+    end, and a second task for the client's disconnect (which ends the stream
+    and frees the engine slots at once)."""
 
     def __init__(self, run: CallRun) -> None:
         self.run = run
 
     async def __call__(self, scope, receive, send) -> None:
         run = self.run
-        wire = run.call.wire
-        event = wire.event
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
-            try:
-                while (chunks := await run.next_batch()) is not None:
-                    if not chunks:
-                        continue
-                    metrics.HTTP_BATCHES.inc()
-                    await send({"type": "http.response.body", "body": b"".join([event(c) for c in chunks]),
-                                "more_body": True})
-                tail = wire.done
-            except ClientGone:
-                return
-            except APIError as e:
-                metrics.ERRORS.labels(e.type).inc()
-                tail = wire.error(e) + wire.done
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await asyncio.ensure_future(self._write(scope.get(SERVER_SEND, send)))
         finally:
             gone.cancel()
             run.close()  # done, failed or client gone: the engine slots are freed now
+
+    async def _write(self, send) -> None:
+        run = self.run
+        wire = run.call.wire
+        event = wire.event
+        next_batch = run.next_batch
+        batches = metrics.HTTP_BATCHES
+        try:
+            while (chunks := await next_batch()) is not None:
+                if chunks:
+                    batches.value += 1
+                    await send({"type": "http.response.body", "body": b"".join([event(c) for c in chunks]),
+                                "more_body": True})
+            tail = wire.done
+        except ClientGone:
+            return
+        except APIError as e:
+            metrics.ERRORS.labels(e.type).inc()
+            tail = wire.error(e) + wire.done
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 async def _disconnected(receive) -> None:
@@ -398,7 +409,7 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
     documented = {(op.method, op.path) for op in openapi.OPERATIONS}
     if set(handlers) != documented:
         raise RuntimeError(f"routes and documented operations differ: {set(handlers) ^ documented}")
-    app = Starlette(
+    app = GatewayApp(
         routes=[Route(op.path, handlers[(op.method, op.path)], methods=[op.method.upper()])
                 for op in openapi.OPERATIONS],
         exception_handlers={
@@ -414,6 +425,15 @@ def build_app(settings: GatewaySettings, client: EngineClient | None = None) -> 
     app.state.gateway = gw
     metrics.watch_engines(lambda: gw.client)
     return app
+
+
+class GatewayApp(Starlette):
+    """Starlette, keeping the ASGI server's own `send` in the scope for streams
+    (see `SSEResponse`)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 class DrainingServer(uvicorn.Server):
