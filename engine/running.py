@@ -60,7 +60,7 @@ class Running:
             if isinstance(out, BaseException):
                 raise out
             builder = self.builder
-            self.stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs))
+            self.stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
             queue = self.server.queue_delta
             for delta in builder.deltas(out):
                 queue(self.ident, delta)

@@ -135,6 +135,7 @@ class EngineServer:
         self.instance = uuid.uuid4().hex[:12]
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
+        self.kv_cache_tokens = 0
         self.tokenizer: Any = None
         self.inputs: InputRenderer | None = None
         self.chat: ChatRenderer | None = None
@@ -163,6 +164,8 @@ class EngineServer:
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])
         _lighten_output_path(self.llm)
         self.max_model_len = self.llm.model_config.max_model_len
+        cache = self.llm.vllm_config.cache_config
+        self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
         self.tokenizer = self.llm.get_tokenizer()
         self.chat = ChatRenderer(self.llm, self.config.chat)
         task = "embed" if self.llm.model_config.runner_type == "pooling" else "generate"
@@ -269,6 +272,7 @@ class EngineServer:
             protocol_version=PROTOCOL_VERSION,
             vllm_version=VLLM_VERSION,
             models=self.models.info() if self.models is not None else [],
+            kv_cache_tokens=self.kv_cache_tokens,
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:

@@ -29,13 +29,16 @@ class RequestStats:
     def started(self) -> bool:
         return self.outputs > 0
 
-    def on_output(self, num_prompt_tokens: int, new_tokens: int) -> None:
+    def on_output(self, num_prompt_tokens: int, new_tokens: int, cached_tokens: int | None = 0) -> None:
+        """`cached_tokens`: of the prompt, found in vLLM's prefix cache (read on the first output)."""
         now = time.monotonic()
         m = self.metrics
         if self.outputs == 0:
             self.first = now
             self.prompt_tokens = num_prompt_tokens
             m.prompt_tokens += num_prompt_tokens
+            m.prefix_cache_queries += num_prompt_tokens
+            m.prefix_cache_hits += cached_tokens or 0
             m.observe("time_to_first_token_seconds", now - self.start)
         elif new_tokens:
             m.observe("inter_token_latency_seconds", now - self.last)

@@ -32,6 +32,26 @@ def _env(env: Mapping[str, str], name: str, default, parse=str):
         raise ValueError(f"{name}={raw!r}: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """How a request picks its engine (gateway/engines/routing.py)."""
+
+    policy: str = "prefix"  # ROUTING: prefix | least_loaded
+    balance_abs: float = 8.0  # ROUTING_BALANCE_ABS: requests more than the least loaded ...
+    balance_rel: float = 1.5  # ROUTING_BALANCE_REL: ... and this many times as many: spill over
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "RoutingSettings":
+        policy = env.get("ROUTING", cls.policy).strip().lower().replace("-", "_")
+        if policy not in ("prefix", "least_loaded"):
+            raise ValueError(f"ROUTING={env.get('ROUTING')!r}: one of prefix, least_loaded")
+        s = cls(policy, _env(env, "ROUTING_BALANCE_ABS", cls.balance_abs, float),
+                _env(env, "ROUTING_BALANCE_REL", cls.balance_rel, float))
+        if s.balance_abs < 0 or s.balance_rel < 1:
+            raise ValueError("ROUTING_BALANCE_ABS must be >= 0 and ROUTING_BALANCE_REL >= 1")
+        return s
+
+
 @dataclasses.dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
@@ -55,6 +75,7 @@ class GatewaySettings:
     open_paths: tuple[str, ...] = ("/health", "/ping", "/metrics")
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's switch for them).
     allow_runtime_lora: bool = False
+    routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
@@ -76,6 +97,7 @@ class GatewaySettings:
             allow_runtime_lora=_env(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", cls.allow_runtime_lora, parse_bool),
             open_paths=tuple(p.strip() for p in env.get("API_KEY_OPEN_PATHS", ",".join(cls.open_paths)).split(",")
                              if p.strip()),
+            routing=RoutingSettings.from_env(env),
         )
 
 
@@ -117,6 +139,7 @@ class RunPodSettings:
     metrics_host: str = "127.0.0.1"
     responses_store_size: int = 1000  # stored Responses API answers, per worker
     responses_store_ttl_s: float = 3600
+    routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
@@ -140,6 +163,7 @@ class RunPodSettings:
             metrics_host=get("METRICS_HOST", cls.metrics_host),
             responses_store_size=get("RESPONSES_STORE_SIZE", cls.responses_store_size, int),
             responses_store_ttl_s=get("RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
+            routing=RoutingSettings.from_env(env),
         )
         if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
             raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "

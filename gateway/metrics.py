@@ -97,11 +97,22 @@ class EngineCollector:
         prompt = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels)
         generation = CounterMetricFamily("vllm:generation_tokens", "Number of generation tokens processed.", labels=labels)
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels)
+        cache_queries = CounterMetricFamily("vllm:prefix_cache_queries",
+                                            "Prefix cache queries, in terms of number of queried tokens.", labels=labels)
+        cache_hits = CounterMetricFamily("vllm:prefix_cache_hits",
+                                         "Prefix cache hits, in terms of number of cached tokens.", labels=labels)
+        routed = CounterMetricFamily("vllm_gateway:routing_decisions",
+                                     "Requests this gateway routed to the engine, by reason: prefix (its KV cache likely "
+                                     "holds the prompt's beginning), least_loaded, or spill (the prefix's engines were "
+                                     "too busy).", labels=["engine", "endpoint", "reason"])
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=[*labels, "finished_reason"])
         histograms = {name: HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=labels) for name in HISTOGRAMS}
         for e in engines:
-            up.add_metric([e.status.engine_id if e.status else "", e.endpoint], 1.0 if e.ready else 0.0)
+            engine_id = e.status.engine_id if e.status else ""
+            up.add_metric([engine_id, e.endpoint], 1.0 if e.ready else 0.0)
+            for reason, n in sorted(e.choices.items()):
+                routed.add_metric([engine_id, e.endpoint, reason], n)
             m: EngineMetrics | None = e.metrics
             if m is None:
                 continue
@@ -112,6 +123,8 @@ class EngineCollector:
             prompt.add_metric(values, m.prompt_tokens)
             generation.add_metric(values, m.generation_tokens)
             preemptions.add_metric(values, m.preemptions)
+            cache_queries.add_metric(values, m.prefix_cache_queries)
+            cache_hits.add_metric(values, m.prefix_cache_hits)
             for reason, n in sorted(m.success.items()):
                 success.add_metric([*values, reason], n)
             for name, h in m.histograms.items():
@@ -122,7 +135,8 @@ class EngineCollector:
                     buckets.append((_le(bound), cumulative))
                 buckets.append(("+Inf", cumulative + h.counts[-1]))
                 family.add_metric(values, buckets, h.sum)
-        yield from (up, running, waiting, kv, prompt, generation, preemptions, success, *histograms.values())
+        yield from (up, routed, running, waiting, kv, prompt, generation, preemptions, cache_queries, cache_hits, success,
+                    *histograms.values())
 
 
 def _le(bound: float) -> str:

@@ -325,6 +325,7 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     protocol_version: int = 1  # absent from version-1 engines
     vllm_version: str = ""  # the engine's vLLM, for GET /version
     models: list[ModelInfo] = []  # what it serves: its model, and its LoRA adapters
+    kv_cache_tokens: int = 0  # the KV cache's size in tokens (blocks x block size), for routing
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens, Embeddings, Done]

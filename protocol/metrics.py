@@ -84,6 +84,9 @@ class EngineMetrics(msgspec.Struct, tag="metrics", array_like=True):
     preemptions: int = 0
     success: dict[str, int] = {}  # finished requests by finish reason (stop, length, abort, error)
     histograms: dict[str, Histogram] = {}
+    # vLLM's prefix cache counters, in tokens: prompt tokens looked up, found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @classmethod
     def new(cls, engine_id: str, model: str, max_model_len: int) -> "EngineMetrics":

@@ -13,16 +13,18 @@ import httpx
 import psutil
 import pytest
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from conftest import MODEL, Proc, child_env, free_port, wait_healthy
 
 
 class Stream(threading.Thread):
     """One streamed completion, read to its end in a thread."""
 
-    def __init__(self, url: str, max_tokens: int) -> None:
+    def __init__(self, url: str, max_tokens: int, prompt: str = "Tell me a long story:") -> None:
         super().__init__(daemon=True)
         self.url = url
-        self.body = {"model": MODEL, "prompt": "Tell me a long story:", "max_tokens": max_tokens,
+        self.body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
                      "stream": True, "ignore_eos": True}
         self.events: list[dict | str] = []
         self.error_at: float | None = None
@@ -75,7 +77,7 @@ def wait_until(check, timeout: float, what: str, proc: Proc):
 def two_engines(run_dir):
     port = free_port()
     proc = Proc("serve-two-engines", ["vllm_gateway.gateway", "serve", "--port", str(port), "--max-model-len", "1024"],
-                child_env(NUM_ENGINES="2", DRAIN_TIMEOUT_S="120"), run_dir)
+                child_env(NUM_ENGINES="2", DRAIN_TIMEOUT_S="120", ROUTING="prefix", ROUTING_BALANCE_ABS="2"), run_dir)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, [proc], 900)
     wait_until(lambda: all(e["ready"] for e in health(url)[1]["engines"]), 600, "both engines", proc)
@@ -97,6 +99,52 @@ def both_ready(url: str, proc: Proc) -> dict:
     """Each test starts from two ready engines, whatever the one before left."""
     return wait_until(lambda: (lambda s, h: s == 200 and all(e["ready"] for e in h["engines"]) and h)(*health(url)),
                       300, "both engines ready", proc)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def routed(url: str) -> list[int]:
+    return [e["routed"] for e in health(url)[1]["engines"]]
+
+
+TENANT = "You are the support assistant of Example Corp. Answer briefly and politely. " * 10
+
+
+def test_prefix_routing_keeps_a_prefix_on_its_engine_and_spills_over(two_engines):
+    url, proc = two_engines
+    both_ready(url, proc)
+    # One after another: the prefix stays on the engine that served it first,
+    # and vLLM serves it from that engine's prefix cache.
+    before, hits_before = routed(url), [metric(url, "vllm:prefix_cache_hits_total", engine=str(i)) for i in (0, 1)]
+    for i in range(4):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": TENANT + f"Question {i}: why?",
+                                                      "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+    sent = [a - b for a, b in zip(routed(url), before)]
+    assert sorted(sent) == [0, 4], sent
+    home = sent.index(4)
+    hits = wait_until(lambda: (lambda h: h >= hits_before[home] + 3 * 64 and h)(
+        metric(url, "vllm:prefix_cache_hits_total", engine=str(home))), 10, "prefix cache hits reported", proc)
+    assert hits - hits_before[home] <= 4 * 200  # not more than the prompts held
+    assert metric(url, "vllm:prefix_cache_hits_total", engine=str(1 - home)) == hits_before[1 - home]
+
+    # Held open, the prefix's streams load its engine past ROUTING_BALANCE_ABS=2:
+    # the fourth spills over to the other engine, which then holds the prefix too.
+    spills = metric(url, "vllm_gateway:routing_decisions_total", reason="spill")
+    streams = []
+    for i in range(5):
+        streams.append(Stream(url, 120, TENANT + f"Story {i}:"))
+        wait_until(lambda: streams[-1].tokens >= 1, 120, "the stream to start", proc)
+    in_flight = [e["in_flight"] for e in health(url)[1]["engines"]]
+    assert in_flight[home] == 3 and in_flight[1 - home] == 2, in_flight
+    assert metric(url, "vllm_gateway:routing_decisions_total", reason="spill") == spills + 1
+    for s in streams:
+        s.join(300)
+    assert all(s.intact for s in streams)
 
 
 def test_kill_one_engine_mid_stream(two_engines):

@@ -48,6 +48,8 @@ from vllm_gateway.protocol.messages import (
     decode_engine_message,
     encode,
 )
+from vllm_gateway.gateway.config import RoutingSettings
+from vllm_gateway.gateway.engines.routing import Balance, PrefixRecord, Router
 from vllm_gateway.gateway.openai.schemas import EngineHealth
 from vllm_gateway.protocol.transport import secure_client
 
@@ -253,6 +255,8 @@ class EngineConnection:
         # burst spreads over engines before their reports catch up.
         self.unreported = 0
         self.routed = 0  # requests sent to this engine, ever
+        self.choices: dict[str, int] = {}  # routing decisions that chose it, by reason
+        self.record = PrefixRecord()  # what its KV cache likely holds (routing)
         self.metrics: EngineMetrics | None = None  # the engine's latest report
         self.incompatible = ""  # the instance of an engine of another protocol version, logged once
 
@@ -285,10 +289,13 @@ class EngineConnection:
 
 
 class EngineClient:
-    def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None, engine_timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None, engine_timeout_s: float = 5.0,
+                 routing: RoutingSettings | None = None) -> None:
         self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = zmq.asyncio.Context()
         self.engines = [EngineConnection(ep, self.ctx, engine_timeout_s) for ep in endpoints]
+        routing = routing or RoutingSettings()
+        self.router = Router(routing.policy, Balance(routing.balance_abs, routing.balance_rel))  # type: ignore[arg-type]
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
@@ -366,9 +373,12 @@ class EngineClient:
         """Send these requests (the prompts of one client request) to one engine
         serving their model; `exact`: the stream keeps the engine's batches as
         they are (see RequestStream)."""
-        engine = self._pick(requests[0].model or None)
-        if engine is None:
+        model = requests[0].model or None
+        ready = [e for e in self.engines if e.ready and (model is None or e.serves(model))]
+        if not ready:
             raise NoEngine()
+        engine, why = self.router.pick(ready, requests)
+        engine.choices[why] = engine.choices.get(why, 0) + 1
         try:  # before anything is sent: a value msgpack cannot carry fails the whole request
             frames = [encode(r) for r in requests]
         except (OverflowError, TypeError, ValueError) as e:
@@ -472,6 +482,9 @@ class EngineClient:
         previous = engine.status
         if previous is not None and previous.instance != status.instance:
             self._fail_all(engine, "the engine restarted; the request was lost")
+            engine.record.clear()  # a new process: its KV cache is empty
+        if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
+            engine.record.resize(status.kv_cache_tokens)
         if status.state != "ready" and engine.streams:
             self._fail_all(engine, f"the engine is {status.state}")
         if previous is None or previous.state != status.state or previous.instance != status.instance:

@@ -118,7 +118,8 @@ class RequestMetrics:
 class Gateway:
     def __init__(self, settings: GatewaySettings, client: EngineClient | None = None) -> None:
         self.settings = settings
-        self.client = client or EngineClient(settings.engine_endpoints, engine_timeout_s=settings.engine_timeout_s)
+        self.client = client or EngineClient(settings.engine_endpoints, engine_timeout_s=settings.engine_timeout_s,
+                                              routing=settings.routing)
         # Set on SIGTERM: new work gets a 503 while what runs finishes.
         self.draining = False
         self.responses_store = ResponseStore(settings.responses_store_size, settings.responses_store_ttl_s)

@@ -118,7 +118,8 @@ class JobHandler:
     async def _engines(self) -> EngineClient:
         # Made on the first job, in the event loop the SDK runs jobs in.
         if self._client is None:
-            self._client = EngineClient(self.settings.engine_endpoints, engine_timeout_s=self.settings.engine_timeout_s)
+            self._client = EngineClient(self.settings.engine_endpoints, engine_timeout_s=self.settings.engine_timeout_s,
+                                        routing=self.settings.routing)
             await self._client.start()
         if not self._client.ready:
             await self._client.wait_ready(self.settings.engine_wait_s)

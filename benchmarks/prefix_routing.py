@@ -1,0 +1,143 @@
+"""Prefix-aware routing against least-loaded, two engines on this box.
+
+    .venv/bin/python benchmarks/prefix_routing.py --trials 3
+
+A multi-tenant workload: `--tenants` system prompts of about `--prefix-words`
+words each, `--requests-per-tenant` requests per tenant (the tenant's prompt and
+a question of its own), in random order, at `--concurrency`. The KV cache of
+each engine (`--kv-cache-gib`, VLLM_CPU_KVCACHE_SPACE) holds about half of the
+tenants' prefixes: both engines together hold them all, one alone does not. A
+second workload has no shared prefixes (every prompt its own, as long), where
+routing by prefix must do no worse.
+
+Each run starts `vllm-gateway serve` afresh (NUM_ENGINES=2, empty caches) with
+ROUTING=prefix or least_loaded, the order alternating between trials. Reported
+per run: TTFT, output tokens/s, and vLLM's prefix cache hit rate (hits over
+queried prompt tokens, from the engines' counters on /metrics); then the
+ratios prefix / least_loaded per trial and their medians. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+from load import random_prompt, run_load  # noqa: E402
+from procs import free_port, wait_ready  # noqa: E402
+
+
+def cache_counters(base: str) -> tuple[float, float]:
+    """vLLM's prefix cache queries and hits (tokens), summed over the engines."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in totals:
+                totals[s.name] += s.value
+    return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
+
+
+def workloads(a: argparse.Namespace, seed: int) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    tenants = [f"Tenant {t}. " + random_prompt(rng, a.prefix_words) for t in range(a.tenants)]
+    shared = [f"{tenants[t]}\nQuestion {i}: {random_prompt(rng, a.question_words)}"
+              for t in range(a.tenants) for i in range(a.requests_per_tenant)]
+    rng.shuffle(shared)
+    unshared = [f"Request {i}. " + random_prompt(rng, a.prefix_words + a.question_words) for i in range(len(shared))]
+    return {"shared_prefixes": shared, "no_shared_prefixes": unshared}
+
+
+def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict:
+    port = free_port()
+    env = dict(os.environ, NUM_ENGINES="2", ROUTING=policy, VLLM_CPU_KVCACHE_SPACE=str(a.kv_cache_gib),
+               MAX_MODEL_LEN=str(a.max_model_len), LOG_LEVEL="WARNING", ENABLE_PREFIX_CACHING="1")
+    if a.model:
+        env["MODEL_NAME"] = a.model
+    print(f"== {policy}: starting", file=sys.stderr)
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    try:
+        wait_ready(base + "/health", proc)
+        for name, prompts in loads.items():
+            q0, h0 = cache_counters(base)
+            summary, _ = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency, num_requests=len(prompts),
+                                              output_len=a.output_len, prompts=prompts, progress=False))
+            time.sleep(1.5)  # the engines report their counters once a second
+            q1, h1 = cache_counters(base)
+            summary["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else 0.0
+            print(f"== {policy} / {name}: {summary['output_tokens_per_s']} output tok/s, TTFT p50 "
+                  f"{summary['ttft_median_s']} s, prefix cache hit rate {summary['prefix_cache_hit_rate']}, "
+                  f"failures {summary['failures']}", file=sys.stderr)
+            out[name] = {k: summary[k] for k in ("requests", "failures", "duration_s", "output_tokens_per_s",
+                                                 "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
+                                                 "prefix_cache_hit_rate")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(3)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("MODEL_NAME"), help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--tenants", type=int, default=8)
+    p.add_argument("--prefix-words", type=int, default=2400, help="about as many tokens, plus a few")
+    p.add_argument("--question-words", type=int, default=24)
+    p.add_argument("--requests-per-tenant", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="per engine; SmolLM2-135M in float32: ~23,000 tokens")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/prefix_routing.json")
+    a = p.parse_args()
+
+    trials = []
+    for i in range(a.trials):
+        loads = workloads(a, seed=i)
+        order = ["prefix", "least_loaded"] if i % 2 == 0 else ["least_loaded", "prefix"]
+        runs = {policy: run(policy, a, loads) for policy in order}
+        ratios = {}
+        for name in loads:
+            pr, ll = runs["prefix"][name], runs["least_loaded"][name]
+            ratios[name] = {
+                "ttft_p50_speedup": round(ll["ttft_median_s"] / pr["ttft_median_s"], 3) if pr["ttft_median_s"] else 0.0,
+                "output_tokens_per_s": round(pr["output_tokens_per_s"] / ll["output_tokens_per_s"], 3)
+                if ll["output_tokens_per_s"] else 0.0,
+            }
+        trials.append({"order": order, "runs": runs, "ratios_prefix_over_least_loaded": ratios})
+        print(f"== trial {i + 1}: {json.dumps(ratios)}", file=sys.stderr)
+    medians = {
+        name: {k: statistics.median(t["ratios_prefix_over_least_loaded"][name][k] for t in trials)
+               for k in trials[0]["ratios_prefix_over_least_loaded"][name]}
+        for name in trials[0]["ratios_prefix_over_least_loaded"]
+    }
+    results = {"trials": trials, "median_ratios_prefix_over_least_loaded": medians,
+               "settings": {k: v for k, v in vars(a).items() if k != "out"}}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
