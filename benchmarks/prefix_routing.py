@@ -5,8 +5,8 @@
 A multi-tenant workload: `--tenants` system prompts of about `--prefix-words`
 words each, `--requests-per-tenant` requests per tenant (the tenant's prompt and
 a question of its own), in random order, at `--concurrency`. The KV cache of
-each engine (`--kv-cache-gib`, VLLM_CPU_KVCACHE_SPACE) holds about half of the
-tenants' prefixes: both engines together hold them all, one alone does not. A
+each engine (`--kv-cache-gib`, VLLM_CPU_KVCACHE_SPACE; 1 GiB holds 23,296
+tokens of SmolLM2-135M in float32) holds about half of the tenants' prefixes: both engines together hold them all, one alone does not. A
 second workload has no shared prefixes (every prompt its own, as long), where
 routing by prefix must do no worse.
 
@@ -56,7 +56,8 @@ def workloads(a: argparse.Namespace, seed: int) -> dict[str, list[str]]:
     shared = [f"{tenants[t]}\nQuestion {i}: {random_prompt(rng, a.question_words)}"
               for t in range(a.tenants) for i in range(a.requests_per_tenant)]
     rng.shuffle(shared)
-    unshared = [f"Request {i}. " + random_prompt(rng, a.prefix_words + a.question_words) for i in range(len(shared))]
+    unshared = [f"Request {i}. " + random_prompt(rng, a.prefix_words + a.question_words)
+                for i in range(a.unshared_requests)]
     return {"shared_prefixes": shared, "no_shared_prefixes": unshared}
 
 
@@ -100,10 +101,11 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.environ.get("MODEL_NAME"), help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--tenants", type=int, default=8)
-    p.add_argument("--prefix-words", type=int, default=2400, help="about as many tokens, plus a few")
+    p.add_argument("--tenants", type=int, default=14)
+    p.add_argument("--prefix-words", type=int, default=2800, help="about as many tokens, plus a few")
     p.add_argument("--question-words", type=int, default=24)
-    p.add_argument("--requests-per-tenant", type=int, default=8)
+    p.add_argument("--requests-per-tenant", type=int, default=6)
+    p.add_argument("--unshared-requests", type=int, default=24, help="the workload without shared prefixes")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="per engine; SmolLM2-135M in float32: ~23,000 tokens")
