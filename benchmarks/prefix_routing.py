@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 from load import random_prompt, run_load  # noqa: E402
-from procs import free_port, wait_ready  # noqa: E402
+from procs import free_port, report, stop, wait_ready  # noqa: E402
 
 
 def cache_counters(base: str) -> tuple[float, float]:
@@ -88,13 +87,8 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
                                                  "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
                                                  "prefix_cache_hit_rate")}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        time.sleep(3)
+        stop([proc], timeout=120)
+        time.sleep(3)  # let the engines' vLLM processes go
     return out
 
 
@@ -136,9 +130,7 @@ def main() -> None:
     }
     results = {"trials": trials, "median_ratios_prefix_over_least_loaded": medians,
                "settings": {k: v for k, v in vars(a).items() if k != "out"}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    report(results, a.out)
 
 
 if __name__ == "__main__":
