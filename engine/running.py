@@ -15,19 +15,32 @@ returns it) keeps its public `put`/`get_nowait` shape in both vLLM builds we run
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vllm_gateway.engine.outputs import OutputBuilder
 from vllm_gateway.engine.stats import RequestStats
+from vllm_gateway.protocol.messages import Delta
 
-if TYPE_CHECKING:
-    from vllm_gateway.engine.server import EngineServer
+
+class Server(Protocol):
+    """What a running request needs of its engine server (engine/server.py)."""
+
+    llm: Any  # vLLM's AsyncLLM
+    running: dict[str, "Running"]
+
+    def queue_delta(self, ident: bytes, delta: Delta) -> None: ...
+
+    def forget(self, rid: str) -> None: ...
+
+    def fail(self, ident: bytes, rid: str, e: BaseException) -> None: ...
+
+    def spawn(self, coro: Any) -> None: ...
 
 
 class Running:
     __slots__ = ("server", "ident", "rid", "builder", "stats", "internal_id", "ended")
 
-    def __init__(self, server: "EngineServer", ident: bytes, rid: str, builder: OutputBuilder,
+    def __init__(self, server: Server, ident: bytes, rid: str, builder: OutputBuilder,
                  stats: RequestStats) -> None:
         self.server = server
         self.ident = ident
