@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 
 from vllm_gateway.protocol.endpoints import parse_endpoints
+from vllm_gateway.gateway.engines.routing import POLICIES
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
@@ -43,8 +44,8 @@ class RoutingSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "RoutingSettings":
         policy = env.get("ROUTING", cls.policy).strip().lower().replace("-", "_")
-        if policy not in ("prefix", "least_loaded"):
-            raise ValueError(f"ROUTING={env.get('ROUTING')!r}: one of prefix, least_loaded")
+        if policy not in POLICIES:
+            raise ValueError(f"ROUTING={env.get('ROUTING')!r}: one of {', '.join(POLICIES)}")
         s = cls(policy, _env(env, "ROUTING_BALANCE_ABS", cls.balance_abs, float),
                 _env(env, "ROUTING_BALANCE_REL", cls.balance_rel, float))
         if s.balance_abs < 0 or s.balance_rel < 1:

@@ -373,8 +373,7 @@ class EngineClient:
         """Send these requests (the prompts of one client request) to one engine
         serving their model; `exact`: the stream keeps the engine's batches as
         they are (see RequestStream)."""
-        model = requests[0].model or None
-        ready = [e for e in self.engines if e.ready and (model is None or e.serves(model))]
+        ready = self._ready(requests[0].model or None)
         if not ready:
             raise NoEngine()
         engine, why = self.router.pick(ready, requests)
@@ -403,7 +402,7 @@ class EngineClient:
     async def ask_all(self, make: Callable[[], OneAnswer], model: str, timeout_s: float = 120.0) -> list[Any]:
         """The same request to every ready engine serving `model` (LoRA adapters
         are loaded on each); their answers, or the first failure."""
-        engines = [e for e in self.engines if e.ready and e.serves(model)]
+        engines = self._ready(model)
         if not engines:
             raise NoEngine()
         return list(await asyncio.gather(*(self._ask(e, make(), timeout_s) for e in engines)))
@@ -430,9 +429,13 @@ class EngineClient:
         if live and abort:
             stream.engine.send(Abort(live))
 
+    def _ready(self, model: str | None = None) -> list[EngineConnection]:
+        """The ready engines (serving `model`, when given)."""
+        return [e for e in self.engines if e.ready and (model is None or e.serves(model))]
+
     def _pick(self, model: str | None = None) -> EngineConnection | None:
         """The least-loaded ready engine (serving `model`, when given)."""
-        ready = [e for e in self.engines if e.ready and (model is None or e.serves(model))]
+        ready = self._ready(model)
         if not ready:
             return None
         return min(ready, key=lambda e: e.load)
