@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from vllm import __version__ as VLLM_VERSION
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -32,7 +32,7 @@ from vllm_gateway.engine.args import ChatSettings
 from vllm_gateway.engine.chat import ChatRenderer
 from vllm_gateway.engine.embeddings import embed
 from vllm_gateway.engine.models import ServedModels
-from vllm_gateway.engine.failures import BadRequest
+from vllm_gateway.engine.failures import BadRequest, to_failure
 from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
 from vllm_gateway.engine.running import Running
@@ -152,6 +152,12 @@ class EngineServer:
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
         self._stopping = asyncio.Event()
+        # What each gateway message does (one handler per message type).
+        self._handlers: dict[type, Any] = {
+            Generate: self._on_request, Tokenize: self._on_request, Detokenize: self._on_request,
+            Embed: self._on_request, LoadAdapter: self._on_request, UnloadAdapter: self._on_request,
+            Abort: self._on_abort, Hello: self._on_hello,
+        }
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
 
@@ -225,26 +231,33 @@ class EngineServer:
             except Exception as e:  # a broken peer must not take the engine down
                 log.warning("undecodable message from gateway: %s", e)
                 continue
-            if isinstance(msg, Generate):
-                if ident not in self.incompatible:
-                    self._start(ident, msg)
-            elif isinstance(msg, (Tokenize, Detokenize, Embed, LoadAdapter, UnloadAdapter)):
-                if ident not in self.incompatible:
-                    self._start_call(ident, msg)
-            elif isinstance(msg, Abort):
-                for rid in msg.request_ids:
-                    self.abort(rid)
-            elif isinstance(msg, Hello):
-                if msg.protocol_version != PROTOCOL_VERSION:
-                    if ident not in self.incompatible:
-                        self.incompatible.add(ident)
-                        log.error("gateway %s speaks protocol version %d, this engine %d: refusing its requests "
-                                  "(run the same vllm-gateway version on both)", msg.gateway_id,
-                                  msg.protocol_version, PROTOCOL_VERSION)
-                elif ident not in self.gateways:
-                    log.info("gateway %s connected", msg.gateway_id)
-                self.gateways[ident] = time.monotonic()
-                self._send(ident, self._status())
+            handler = self._handlers.get(type(msg))
+            if handler is not None:
+                handler(ident, msg)
+
+    def _on_request(self, ident: bytes, msg: Any) -> None:
+        if ident in self.incompatible:
+            return
+        if isinstance(msg, Generate):
+            self._start(ident, msg)
+        else:
+            self._start_call(ident, msg)
+
+    def _on_abort(self, ident: bytes, msg: Abort) -> None:
+        for rid in msg.request_ids:
+            self.abort(rid)
+
+    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            if ident not in self.incompatible:
+                self.incompatible.add(ident)
+                log.error("gateway %s speaks protocol version %d, this engine %d: refusing its requests "
+                          "(run the same vllm-gateway version on both)", msg.gateway_id,
+                          msg.protocol_version, PROTOCOL_VERSION)
+        elif ident not in self.gateways:
+            log.info("gateway %s connected", msg.gateway_id)
+        self.gateways[ident] = time.monotonic()
+        self._send(ident, self._status())
 
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
@@ -403,23 +416,9 @@ class EngineServer:
     def fail(self, ident: bytes, rid: str, e: BaseException) -> None:
         """A request's failure as the gateway's `RequestFailed`; the request is forgotten."""
         self.forget(rid)
-        if isinstance(e, BadRequest):
-            failure = RequestFailed(rid, e.kind, str(e), param=e.param)
-        elif isinstance(e, EngineDeadError):
-            failure = RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine died; retry the request")
+        if isinstance(e, EngineDeadError):
             self._stopping.set()
-        elif isinstance(e, (VLLMClientError, ValueError, TypeError)):  # vLLM's own validation
-            failure = RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None))
-        elif isinstance(e, GracefulHTTPError):  # e.g. vLLM's admission control
-            status = int(e.http_status)
-            kind = (FailureKind.OVERLOADED if status in (429, 503) else
-                    FailureKind.BAD_REQUEST if status < 500 else FailureKind.INTERNAL)
-            failure = RequestFailed(rid, kind, e.message)
-        else:
-            log.error("request %s failed", rid, exc_info=e)
-            cause = e.__cause__ if e.__cause__ is not None else e
-            failure = RequestFailed(rid, FailureKind.INTERNAL, f"internal engine error: {type(cause).__name__}: {cause}")
-        self._send(ident, failure)
+        self._send(ident, to_failure(rid, e))
 
     def forget(self, rid: str) -> None:
         self.running.pop(rid, None)
@@ -475,13 +474,8 @@ class EngineServer:
                 self._broadcast_status()
         except asyncio.CancelledError:
             return
-        except BadRequest as e:
-            answer = RequestFailed(rid, e.kind, str(e), param=e.param)
-        except (VLLMClientError, ValueError, TypeError) as e:  # vLLM's own validation
-            answer = RequestFailed(rid, FailureKind.BAD_REQUEST, str(e), param=getattr(e, "parameter", None))
         except Exception as e:
-            log.exception("request %s failed", rid)
-            answer = RequestFailed(rid, FailureKind.INTERNAL, f"internal engine error: {type(e).__name__}: {e}")
+            answer = to_failure(rid, e)
         finally:
             self.tasks.pop(rid, None)
             self.owner.pop(rid, None)

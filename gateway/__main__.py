@@ -1,6 +1,6 @@
 import sys
 
-from vllm_gateway.gateway.supervisor.cli import main
+from vllm_gateway.gateway.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,8 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from vllm_gateway.gateway.engines.routing import POLICIES, Balance, Router
 from vllm_gateway.protocol.endpoints import parse_endpoints
-from vllm_gateway.gateway.engines.routing import POLICIES
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
@@ -52,53 +52,72 @@ class RoutingSettings:
             raise ValueError("ROUTING_BALANCE_ABS must be >= 0 and ROUTING_BALANCE_REL >= 1")
         return s
 
+    def router(self) -> Router:
+        return Router(self.policy, Balance(self.balance_abs, self.balance_rel))  # type: ignore[arg-type]
+
 
 @dataclasses.dataclass
-class GatewaySettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
+class ServingSettings:
+    """What every intake serves with: the engines, timeouts, chat's role, stored
+    responses, routing. Read from the environment in one place (`_read`); the
+    HTTP gateway's and the RunPod worker's settings add their own."""
+
     engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
-    response_role: str = "assistant"
-    max_body_bytes: int = 16 * 1024 * 1024
-    body_timeout_s: float = 30  # a request body must arrive within this
     engine_timeout_s: float = 5  # an engine silent this long fails its requests
-    engine_start_timeout_s: float = 3600  # `serve`: engines not ready by then is an error
-    drain_timeout_s: float = 30
+    engine_start_timeout_s: float = 3600  # engines not ready by then is an error
     request_timeout_s: float = 0  # 0: no limit
-    # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
-    # write per stream every N ms (fewer, larger SSE events: less CPU per token).
-    stream_interval_ms: float = 0
-    # Stored Responses API answers (previous_response_id, GET, background): per gateway.
+    response_role: str = "assistant"
+    # Stored Responses API answers (previous_response_id, GET, background): per process.
     responses_store_size: int = 1000
     responses_store_ttl_s: float = 3600
-    # API keys (none: no key needed) and the paths open without one.
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # never printed
-    open_paths: tuple[str, ...] = ("/health", "/ping", "/metrics")
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's switch for them).
     allow_runtime_lora: bool = False
     routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
-        return cls(
-            host=_env(env, "HOST", cls.host),
-            port=_env(env, "PORT", cls.port, int),
+    def _read(cls, env: Mapping[str, str]) -> dict:
+        return dict(
             engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
-            response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
-            max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
-            body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
             engine_timeout_s=_env(env, "ENGINE_TIMEOUT_S", cls.engine_timeout_s, float),
             engine_start_timeout_s=_env(env, "ENGINE_START_TIMEOUT_S", cls.engine_start_timeout_s, float),
-            drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
-            stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
+            response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
             responses_store_size=_env(env, "RESPONSES_STORE_SIZE", cls.responses_store_size, int),
             responses_store_ttl_s=_env(env, "RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
-            api_keys=api_keys(env),
             allow_runtime_lora=_env(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", cls.allow_runtime_lora, parse_bool),
+            routing=RoutingSettings.from_env(env),
+        )
+
+
+@dataclasses.dataclass
+class GatewaySettings(ServingSettings):
+    """The HTTP gateway's settings (flags of `vllm-gateway http` override)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 30  # a request body must arrive within this
+    drain_timeout_s: float = 30
+    # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
+    # write per stream every N ms (fewer, larger SSE events: less CPU per token).
+    stream_interval_ms: float = 0
+    # API keys (none: no key needed) and the paths open without one.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # never printed
+    open_paths: tuple[str, ...] = ("/health", "/ping", "/metrics")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "GatewaySettings":
+        return cls(
+            **cls._read(env),
+            host=_env(env, "HOST", cls.host),
+            port=_env(env, "PORT", cls.port, int),
+            max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
+            body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
+            drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
+            stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
+            api_keys=api_keys(env),
             open_paths=tuple(p.strip() for p in env.get("API_KEY_OPEN_PATHS", ",".join(cls.open_paths)).split(",")
                              if p.strip()),
-            routing=RoutingSettings.from_env(env),
         )
 
 
@@ -119,10 +138,9 @@ def api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass
-class RunPodSettings:
+class RunPodSettings(ServingSettings):
     """The RunPod worker's settings (names and defaults of RunPod's worker-vllm)."""
 
-    engine_endpoints: list[str] = dataclasses.field(default_factory=lambda: parse_endpoints(None))
     own_engines: bool = True  # no ENGINE_ENDPOINTS: the worker starts its engines
     max_concurrency: int = 300
     # OpenAI streaming: whole SSE event strings (1) or lists of chunk objects (0).
@@ -130,17 +148,10 @@ class RunPodSettings:
     max_batch_size: int = 50
     min_batch_size: int = 1
     batch_size_growth_factor: float = 3.0
-    response_role: str = "assistant"
     # How long a job waits for an engine to be ready before failing with a 503.
     engine_wait_s: float = 300.0
-    engine_timeout_s: float = 5  # an engine silent this long fails its requests
-    engine_start_timeout_s: float = 3600  # the worker exits non-zero if the engines are not ready by then
-    request_timeout_s: float = 0  # 0: no limit
     metrics_port: int = 0  # 0: no /metrics listener
     metrics_host: str = "127.0.0.1"
-    responses_store_size: int = 1000  # stored Responses API answers, per worker
-    responses_store_ttl_s: float = 3600
-    routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RunPodSettings":
@@ -148,23 +159,16 @@ class RunPodSettings:
             return _env(env, name, default, parse)
 
         s = cls(
-            engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
+            **cls._read(env),
             own_engines=not env.get("ENGINE_ENDPOINTS"),
             max_concurrency=get("MAX_CONCURRENCY", cls.max_concurrency, int),
             raw_openai_output=get("RAW_OPENAI_OUTPUT", cls.raw_openai_output, parse_bool),
             max_batch_size=get("DEFAULT_BATCH_SIZE", cls.max_batch_size, int),
             min_batch_size=get("DEFAULT_MIN_BATCH_SIZE", cls.min_batch_size, int),
             batch_size_growth_factor=get("DEFAULT_BATCH_SIZE_GROWTH_FACTOR", cls.batch_size_growth_factor, float),
-            response_role=get("OPENAI_RESPONSE_ROLE", cls.response_role),
             engine_wait_s=get("ENGINE_WAIT_S", cls.engine_wait_s, float),
-            engine_timeout_s=get("ENGINE_TIMEOUT_S", cls.engine_timeout_s, float),
-            engine_start_timeout_s=get("ENGINE_START_TIMEOUT_S", cls.engine_start_timeout_s, float),
-            request_timeout_s=get("REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             metrics_port=get("METRICS_PORT", cls.metrics_port, int),
             metrics_host=get("METRICS_HOST", cls.metrics_host),
-            responses_store_size=get("RESPONSES_STORE_SIZE", cls.responses_store_size, int),
-            responses_store_ttl_s=get("RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
-            routing=RoutingSettings.from_env(env),
         )
         if s.max_concurrency < 1 or s.max_batch_size < 1 or s.min_batch_size < 1 or s.batch_size_growth_factor < 1:
             raise ValueError("MAX_CONCURRENCY, DEFAULT_BATCH_SIZE and DEFAULT_MIN_BATCH_SIZE must be >= 1, "

@@ -3,12 +3,9 @@ with Anthropic's error types for each HTTP status."""
 
 from __future__ import annotations
 
-from starlette.responses import Response
-
-from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.anthropic.schemas import ErrorBody, ErrorDetail
-from vllm_gateway.gateway.openai.errors import APIError
-from vllm_gateway.gateway.openai.schemas import json_encode
+from vllm_gateway.gateway.core.errors import APIError, ErrorShape
+from vllm_gateway.gateway.core.schema import json_encode
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 415: "invalid_request_error",
@@ -22,10 +19,8 @@ def body(e: APIError) -> ErrorBody:
     return ErrorBody(ErrorDetail(_TYPES.get(e.status, "api_error"), message))
 
 
-def anthropic_error_response(e: APIError) -> Response:
-    metrics.ERRORS.labels(e.type).inc()
-    return Response(json_encode(body(e)), status_code=e.status, media_type="application/json")
-
-
 def sse_error(e: APIError) -> bytes:
     return b"event: error\ndata: " + json_encode(body(e)) + b"\n\n"
+
+
+ANTHROPIC_ERRORS = ErrorShape("anthropic", lambda e: json_encode(body(e)), ErrorBody)

@@ -1,6 +1,6 @@
 """`/v1/messages`: an Anthropic request as the chat request the engines serve
-(vLLM renders it and parses tool calls and thinking), and the answer as
-Anthropic's message, or its stream of events."""
+(vLLM renders it and parses tool calls and thinking, as vLLM's own Anthropic
+serving does), and `count_tokens`."""
 
 from __future__ import annotations
 
@@ -10,43 +10,14 @@ from typing import Any
 
 import msgspec
 
-from vllm_gateway.gateway.anthropic.errors import sse_error
-from vllm_gateway.gateway.anthropic.schemas import (
-    BlockDelta,
-    BlockStart,
-    BlockStop,
-    ContentBlock,
-    CountTokensRequest,
-    InputJsonDelta,
-    Message,
-    MessageDelta,
-    MessagesRequest,
-    MessageStart,
-    MessageStop,
-    OutputUsage,
-    StopInfo,
-    TextBlock,
-    TextDelta,
-    ThinkingBlock,
-    ThinkingDelta,
-    TokenCount_,
-    ToolUseBlock,
-    Usage,
-)
-from vllm_gateway.gateway.engines.client import EngineClient, join_tool_calls
-from vllm_gateway.gateway.openai import validation
-from vllm_gateway.gateway.openai.calls import Call, Target, Wire, ask_tokens
-from vllm_gateway.gateway.openai.errors import APIError
-from vllm_gateway.gateway.openai.formatting import Book
-from vllm_gateway.gateway.openai.schemas import ChatCompletionRequest, json_encode
-from vllm_gateway.protocol.messages import ChatPrompt, Delta, Tokenize, ToolCallDelta
-
-
-def _event(obj: Any) -> bytes:
-    return b"event: " + type(obj).__struct_config__.tag.encode() + b"\ndata: " + json_encode(obj) + b"\n\n"
-
-
-ANTHROPIC_WIRE = Wire(event=_event, done=b"", error=sse_error)
+from vllm_gateway.gateway.anthropic.formatting import ANTHROPIC_WIRE, MessagesFormatter
+from vllm_gateway.gateway.anthropic.schemas import CountTokensRequest, MessagesRequest, TokenCount_
+from vllm_gateway.gateway.core.calls import Call, Target, ask
+from vllm_gateway.gateway.core.errors import APIError
+from vllm_gateway.gateway.core.generate import chat_generate, check_model
+from vllm_gateway.gateway.core.requests import ChatCompletionRequest
+from vllm_gateway.gateway.engines.client import EngineClient
+from vllm_gateway.protocol.messages import ChatPrompt, Tokenize
 
 # ----------------------------------------------------------------------- request
 
@@ -176,141 +147,18 @@ def chat_request(req: MessagesRequest) -> ChatCompletionRequest:
 
 
 def prepare(req: MessagesRequest, model: str) -> Call:
-    validation.check_model(req.model, model)
-    gen = validation.chat_generate(chat_request(req), f"msg-{uuid.uuid4().hex}")
+    check_model(req.model, model)
+    gen = chat_generate(chat_request(req), f"msg-{uuid.uuid4().hex}")
     gen.model = model
     fmt = MessagesFormatter(gen.request_id, model)
     return Call([gen], fmt, "messages", req.stream, closing=fmt.closing, opening=fmt.opening, wire=ANTHROPIC_WIRE)
 
 
 async def count_tokens(client: EngineClient, req: CountTokensRequest, engine: Target) -> TokenCount_:
-    validation.check_model(req.model, engine.model)
+    check_model(req.model, engine.model)
     _, template_kwargs = _thinking(req)
     tools = _tools(req)
     prompt = ChatPrompt(chat_messages(req), chat_template_kwargs=template_kwargs, tools=tools,
                         tool_choice="none" if tools else None)  # tools in the template, no parser needed
-    answer = await ask_tokens(client, Tokenize(f"count-{uuid.uuid4().hex}", prompt), "messages", engine.model)
+    answer = await ask(client, Tokenize(f"count-{uuid.uuid4().hex}", prompt), "messages", engine.model)
     return TokenCount_(len(answer.token_ids))
-
-
-# ---------------------------------------------------------------------- response
-
-
-def _input(arguments: str) -> dict[str, Any]:
-    """A tool call's arguments as tool_use input (an object)."""
-    try:
-        value = json.loads(arguments) if arguments else {}
-    except ValueError:
-        return {"_raw_arguments": arguments}
-    return value if isinstance(value, dict) else {"value": value}
-
-
-class MessagesFormatter:
-    """One Anthropic answer: content blocks (thinking, text, tool_use) in the
-    order the model wrote them; streamed as Anthropic's events."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.book = Book([request_id], 1, model, "msg")
-        self.book.id = f"msg_{uuid.uuid4().hex}"
-        self.model = model
-        self.finish: tuple[str | None, str | int | None] = (None, None)
-        self.tools_called = False
-        self._blocks: list[str] = []  # kinds of the streamed blocks so far
-        self._open: int | None = None  # the streamed block being written (its index)
-        self._open_call = -1  # its tool call's index, for tool_use blocks
-        self._text: list[str] = []
-        self._thinking: list[str] = []
-        self._calls: list[ToolCallDelta] = []
-
-    # ------------------------------------------------------------------ stream
-
-    def opening(self, first: list[Delta]) -> list[Any]:
-        usage = Usage(first[0].num_prompt_tokens if first else 0, 0)
-        return [MessageStart(Message(id=self.book.id, model=self.model, content=[], stop_reason=None,
-                                     stop_sequence=None, usage=usage))]
-
-    def chunks(self, deltas: list[Delta]) -> list[Any]:
-        out: list[Any] = []
-        for d in deltas:
-            self.book.account(d)
-            if d.reasoning:
-                self._switch(out, "thinking")
-                out.append(BlockDelta(self._open, ThinkingDelta(d.reasoning)))
-            if d.text:
-                self._switch(out, "text")
-                out.append(BlockDelta(self._open, TextDelta(d.text)))
-            for call in d.tool_calls or []:
-                self._switch(out, "tool_use", call)
-                if call.arguments:
-                    out.append(BlockDelta(self._open, InputJsonDelta(call.arguments)))
-            if d.finish_reason is not None:
-                self.finish = (d.finish_reason, d.stop_reason)
-        return out
-
-    def closing(self) -> list[Any]:
-        out: list[Any] = []
-        if self._open is not None:
-            out.append(BlockStop(self._open))
-            self._open = None
-        reason, sequence = self._stop()
-        out.append(MessageDelta(StopInfo(reason, sequence), OutputUsage(self.book.completion_tokens)))
-        out.append(MessageStop())
-        return out
-
-    def _switch(self, out: list[Any], kind: str, call: ToolCallDelta | None = None) -> None:
-        if self._open is not None and self._blocks[self._open] == kind and (
-                call is None or call.index == self._open_call):
-            return
-        if self._open is not None:
-            out.append(BlockStop(self._open))
-        self._open = len(self._blocks)
-        self._blocks.append(kind)
-        block: ContentBlock
-        if kind == "thinking":
-            block = ThinkingBlock("")
-        elif kind == "text":
-            block = TextBlock("")
-        else:
-            assert call is not None
-            self.tools_called = True
-            self._open_call = call.index
-            block = ToolUseBlock(call.id or f"toolu_{uuid.uuid4().hex}", call.name or "", {})
-        out.append(BlockStart(self._open, block))
-
-    # ------------------------------------------------------------------- whole
-
-    def add(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            self.book.account(d)
-            if d.reasoning:
-                self._thinking.append(d.reasoning)
-            self._text.append(d.text)
-            if d.tool_calls:
-                self.tools_called = True
-                self._calls = join_tool_calls(self._calls, d.tool_calls)
-            if d.finish_reason is not None:
-                self.finish = (d.finish_reason, d.stop_reason)
-
-    def response(self) -> Message:
-        content: list[ContentBlock] = []
-        if self._thinking:
-            content.append(ThinkingBlock("".join(self._thinking)))
-        text = "".join(self._text)
-        if text or not self._calls:
-            content.append(TextBlock(text))
-        content += [ToolUseBlock(c.id or f"toolu_{uuid.uuid4().hex}", c.name or "", _input(c.arguments))
-                    for c in self._calls]
-        reason, sequence = self._stop()
-        usage = self.book.usage()
-        return Message(id=self.book.id, model=self.model, content=content, stop_reason=reason,
-                       stop_sequence=sequence, usage=Usage(usage.prompt_tokens, usage.completion_tokens))
-
-    def _stop(self) -> tuple[str | None, str | None]:
-        reason, matched = self.finish
-        if reason == "length":
-            return "max_tokens", None
-        if self.tools_called:
-            return "tool_use", None
-        if isinstance(matched, str):
-            return "stop_sequence", matched
-        return "end_turn", None

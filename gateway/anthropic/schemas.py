@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-import msgspec
 from msgspec import Meta, Struct
 
-from vllm_gateway.gateway.openai.schemas import MAX_MESSAGES, MAX_STOP, NonNegFloat, TokenCount, from_dict
+from vllm_gateway.gateway.core.schema import MAX_MESSAGES, MAX_STOP, NonNegFloat, TokenCount
 
 # ----------------------------------------------------------------------- request
 
@@ -16,7 +15,7 @@ from vllm_gateway.gateway.openai.schemas import MAX_MESSAGES, MAX_STOP, NonNegFl
 class MessageParam(Struct, kw_only=True):
     role: str  # user or assistant
     # A string, or content blocks (text, image, tool_use, tool_result, thinking),
-    # read by convert.py, which names the block at fault.
+    # read by messages.py, which names the block at fault.
     content: str | Annotated[list[dict[str, Any]], Meta(max_length=4096)]
 
 
@@ -164,11 +163,3 @@ class ErrorDetail(Struct):
 
 class ErrorBody(Struct, tag_field="type", tag="error"):
     error: ErrorDetail
-
-
-decode_messages_request = msgspec.json.Decoder(MessagesRequest).decode
-decode_count_tokens_request = msgspec.json.Decoder(CountTokensRequest).decode
-
-
-messages_request_from_dict = from_dict(MessagesRequest)
-count_tokens_request_from_dict = from_dict(CountTokensRequest)

@@ -1,12 +1,13 @@
-"""The gateway's side of the engine protocol: sockets, routing, request streams.
+"""The gateway's side of the engine protocol: sockets, heartbeats, engine states.
 
 One DEALER socket per engine. A heartbeat (`Hello`) goes to every engine every
 `HEARTBEAT_S` and is answered with an `EngineStatus`, which says whether the engine
 is ready and how loaded it is; a busy engine also pushes one every 100 ms. New
-requests go to the least-loaded ready engine. An engine whose connection drops (its
-process died), that stops answering for `ENGINE_TIMEOUT_S`, or that answers as a
-new instance (it was restarted) fails all the requests it had in flight with a 503
-and leaves routing until it is ready again.
+requests go where the router (engines/routing.py) sends them. An engine whose
+connection drops (its process died), that stops answering for `ENGINE_TIMEOUT_S`,
+or that answers as a new instance (it was restarted) fails all the requests it had
+in flight and leaves routing until it is ready again. What callers see of the
+engines is neutral: `EngineState`s, `ModelInfo`s, request streams.
 """
 
 from __future__ import annotations
@@ -17,40 +18,33 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from vllm_gateway.gateway.engines.routing import PrefixRecord, Router
+from vllm_gateway.gateway.engines.streams import OneAnswer, Reply, RequestStream
 from vllm_gateway.protocol.messages import (
-    Abort,
-    EngineMetrics,
-    Delta,
-    Detokenize,
-    Done,
-    Embed,
-    Embeddings,
-    LoadAdapter,
-    ModelInfo,
-    Tokenize,
-    Tokens,
-    UnloadAdapter,
-    ToolCallDelta,
     PROTOCOL_VERSION,
+    Abort,
+    Delta,
+    Done,
+    EngineMetrics,
     EngineStatus,
+    Embeddings,
     FailureKind,
     Generate,
     Hello,
+    ModelInfo,
     Outputs,
     RequestFailed,
-    TokenLogprob,
+    Tokens,
     decode_engine_message,
     encode,
 )
-from vllm_gateway.gateway.config import RoutingSettings
-from vllm_gateway.gateway.engines.routing import Balance, PrefixRecord, Router
-from vllm_gateway.gateway.openai.schemas import EngineHealth
 from vllm_gateway.protocol.transport import secure_client
 
 log = logging.getLogger("gateway.engines")
@@ -58,181 +52,19 @@ log = logging.getLogger("gateway.engines")
 HEARTBEAT_S = 0.5
 
 
-def merge(deltas: list[Delta]) -> list[Delta]:
-    """One delta per (request, choice), in order of first appearance."""
-    if len(deltas) < 2:
-        return deltas
-    groups: dict[tuple[str, int], list[Delta]] = {}
-    for d in deltas:
-        key = (d.request_id, d.index)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [d]
-        else:
-            group.append(d)
-    if len(groups) == len(deltas):
-        return deltas
-    return [g[0] if len(g) == 1 else _joined(g) for g in groups.values()]
+class EngineState(msgspec.Struct):
+    """One engine as a gateway sees it (/health lists them)."""
 
-
-def _joined(group: list[Delta]) -> Delta:
-    """Consecutive deltas of one choice as one (texts and tokens joined once;
-    reasoning joined; tool-call pieces joined per tool call)."""
-    first, last = group[0], group[-1]
-    token_ids: list[int] = []
-    logprobs: list[TokenLogprob] | None = None
-    reasoning: list[str] = []
-    calls: list[ToolCallDelta] | None = None
-    for d in group:
-        token_ids += d.token_ids
-        if d.logprobs is not None:
-            logprobs = (logprobs or []) + d.logprobs
-        if d.reasoning:
-            reasoning.append(d.reasoning)
-        if d.tool_calls:
-            calls = join_tool_calls(calls or [], d.tool_calls)
-    return Delta(
-        first.request_id, first.index, "".join([d.text for d in group]), token_ids,
-        last.num_prompt_tokens, last.finish_reason, last.stop_reason, logprobs,
-        first.prompt_text, first.prompt_token_ids, first.prompt_logprobs,
-        "".join(reasoning) or None, calls, last.reasoning_tokens,
-    )
-
-
-def join_tool_calls(into: list[ToolCallDelta], pieces: list[ToolCallDelta]) -> list[ToolCallDelta]:
-    """Tool-call pieces added to `into` (a new list): pieces of a tool call
-    already there extend it (its id and name kept, arguments appended), others
-    are added, in order of index. What a client reassembles is unchanged."""
-    out = {c.index: ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in into}
-    for p in pieces:
-        have = out.get(p.index)
-        if have is None:
-            out[p.index] = ToolCallDelta(p.index, p.id, p.name, p.arguments)
-        else:
-            have.id = have.id or p.id
-            have.name = have.name or p.name
-            have.arguments += p.arguments
-    return [out[i] for i in sorted(out)]
-
-
-class RequestStream:
-    """What one client request receives from its engine request(s), and the one
-    owner of whether it is finished (every choice of every engine request ended).
-
-    Read with `async for batch in stream` (or `await stream.next()`, None at the
-    end): each batch is what arrived since the last, so a lagging reader catches up
-    in one go, merged to one delta per choice unless the stream keeps `exact`
-    batches (RunPod's standard mode cuts batches at token counts). A failure is
-    raised after the output that came before it: the engine's (`StreamFailed`), or
-    whatever `interrupt()` was given (a timeout, a client gone), at once."""
-
-    __slots__ = ("request_ids", "engine", "exact", "_unfinished", "_items", "_waiter", "error")
-
-    def __init__(self, request_ids: list[str], n: int, engine: "EngineConnection | None", exact: bool = False) -> None:
-        self.request_ids = request_ids
-        self.engine = engine
-        self.exact = exact
-        self._unfinished = len(request_ids) * n  # choices not yet ended
-        self._items: list[Delta] = []
-        self._waiter: asyncio.Future | None = None
-        self.error: Exception | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Every choice has ended (its last output may still be unread)."""
-        return self._unfinished <= 0
-
-    @property
-    def pending(self) -> bool:
-        """Output has arrived that was not read yet."""
-        return bool(self._items)
-
-    def push(self, delta: Delta) -> None:
-        if self.error is None:
-            self._items.append(delta)
-            if delta.finish_reason is not None:
-                self._unfinished -= 1
-            self._wake()
-
-    def fail(self, failure: RequestFailed) -> None:
-        """The engine's failure: what it produced before still comes out first."""
-        self._end(StreamFailed(failure))
-
-    def interrupt(self, error: Exception) -> None:
-        """End the stream with `error` now (a timeout, a client gone), dropping
-        output not yet taken."""
-        self._items = []
-        self._end(error)
-
-    def _end(self, error: Exception) -> None:
-        if self.error is None:  # the first error wins
-            self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def next(self) -> list[Delta] | None:
-        """The next batch; None once finished and read to the end."""
-        while not self._items:
-            if self.error is not None:
-                raise self.error
-            if self._unfinished <= 0:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-            self._waiter = None
-        items, self._items = self._items, []
-        return items if self.exact else merge(items)
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> list[Delta]:
-        batch = await self.next()
-        if batch is None:
-            raise StopAsyncIteration
-        return batch
-
-
-OneAnswer = Union[Tokenize, Detokenize, Embed, LoadAdapter, UnloadAdapter]
-
-
-class Reply:
-    """The one answer an engine gives to a `OneAnswer` request."""
-
-    __slots__ = ("engine", "_future")
-
-    def __init__(self, engine: "EngineConnection") -> None:
-        self.engine = engine
-        self._future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    @property
-    def done(self) -> bool:
-        return self._future.done()
-
-    def resolve(self, answer: Any) -> None:
-        if not self._future.done():
-            self._future.set_result(answer)
-
-    def fail(self, failure: RequestFailed) -> None:
-        if not self._future.done():
-            self._future.set_exception(StreamFailed(failure))
-
-    async def wait(self, timeout_s: float) -> Any:
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
-        except asyncio.TimeoutError:
-            raise StreamFailed(RequestFailed("", FailureKind.ENGINE_UNAVAILABLE,
-                                             f"the engine did not answer within {timeout_s:g} s")) from None
-
-
-class StreamFailed(Exception):
-    def __init__(self, failure: RequestFailed) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
+    endpoint: str
+    ready: bool
+    state: str  # loading, ready, failed, stopping, or unreachable
+    engine_id: str | None
+    pid: int | None
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    in_flight: int  # this gateway's requests on the engine now
+    routed: int  # this gateway's requests sent to the engine, ever
 
 
 class EngineConnection:
@@ -290,12 +122,21 @@ class EngineConnection:
 
 class EngineClient:
     def __init__(self, endpoints: Iterable[str], gateway_id: str | None = None, engine_timeout_s: float = 5.0,
-                 routing: RoutingSettings | None = None) -> None:
+                 router: Router | None = None) -> None:
         self.gateway_id = gateway_id or f"gw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = zmq.asyncio.Context()
         self.engines = [EngineConnection(ep, self.ctx, engine_timeout_s) for ep in endpoints]
-        routing = routing or RoutingSettings()
-        self.router = Router(routing.policy, Balance(routing.balance_abs, routing.balance_rel))  # type: ignore[arg-type]
+        self.router = router or Router("prefix")
+        # What each engine message does (one handler per message type).
+        self._handlers: dict[type, Callable[[EngineConnection, Any], None]] = {
+            Outputs: lambda engine, msg: self._dispatch(engine, msg.deltas),
+            EngineStatus: self._on_status,
+            EngineMetrics: self._on_metrics,
+            Tokens: self._on_answer,
+            Embeddings: self._on_answer,
+            Done: self._on_answer,
+            RequestFailed: self._on_failed,
+        }
         if not self.engines:
             raise ValueError("no engine endpoints given")
         self._tasks: list[asyncio.Task] = []
@@ -338,12 +179,12 @@ class EngineClient:
         """Engine requests sent and not yet finished, over all engines."""
         return sum(len(e.streams) for e in self.engines)
 
-    def describe(self) -> list[EngineHealth]:
+    def describe(self) -> list[EngineState]:
         """Each engine's state, for /health."""
         out = []
         for e in self.engines:
             s = e.status
-            out.append(EngineHealth(
+            out.append(EngineState(
                 endpoint=e.endpoint, ready=e.ready, state=s.state if s else "unreachable",
                 engine_id=s.engine_id if s else None, pid=s.pid if s else None,
                 running=s.running if s else 0, waiting=s.waiting if s else 0,
@@ -450,20 +291,25 @@ class EngineClient:
             except Exception as e:
                 log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
                 continue
-            if isinstance(msg, Outputs):
-                self._dispatch(engine, msg.deltas)
-            elif isinstance(msg, EngineStatus):
-                self._on_status(engine, msg)
-            elif isinstance(msg, EngineMetrics):
-                engine.metrics = msg
-            elif isinstance(msg, (Tokens, Embeddings, Done)):
-                reply = engine.streams.pop(msg.request_id, None)
-                if isinstance(reply, Reply):
-                    reply.resolve(msg)
-            elif isinstance(msg, RequestFailed):
-                stream = engine.streams.pop(msg.request_id, None)
-                if stream is not None:
-                    stream.fail(msg)
+            handler = self._handlers.get(type(msg))
+            if handler is not None:
+                handler(engine, msg)
+
+    @staticmethod
+    def _on_metrics(engine: EngineConnection, msg: EngineMetrics) -> None:
+        engine.metrics = msg
+
+    @staticmethod
+    def _on_answer(engine: EngineConnection, msg: Tokens | Embeddings | Done) -> None:
+        reply = engine.streams.pop(msg.request_id, None)
+        if isinstance(reply, Reply):
+            reply.resolve(msg)
+
+    @staticmethod
+    def _on_failed(engine: EngineConnection, msg: RequestFailed) -> None:
+        stream = engine.streams.pop(msg.request_id, None)
+        if stream is not None:
+            stream.fail(msg)
 
     def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
         streams = engine.streams
@@ -529,3 +375,4 @@ class NoEngine(Exception):
 class Unencodable(Exception):
     """A request holds a value the wire cannot carry (an integer beyond 64 bits
     in a free-form field)."""
+

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import uuid
 
-from vllm_gateway.gateway.engines.client import EngineClient, NoEngine, StreamFailed
-from vllm_gateway.gateway.openai.calls import no_engine, target
-from vllm_gateway.gateway.openai.errors import APIError, from_failure
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine
+from vllm_gateway.gateway.engines.streams import StreamFailed
+from vllm_gateway.gateway.core.calls import no_engine, target
+from vllm_gateway.gateway.core.errors import APIError, from_failure
 from vllm_gateway.gateway.openai.schemas import LoadLoraRequest, UnloadLoraRequest
 from vllm_gateway.protocol.messages import LoadAdapter, UnloadAdapter
 

@@ -8,9 +8,10 @@ import struct
 import uuid
 
 from vllm_gateway.gateway.engines.client import EngineClient
+from vllm_gateway.gateway.core.generate import check_model
 from vllm_gateway.gateway.openai import validation
-from vllm_gateway.gateway.openai.calls import Target, ask_tokens
-from vllm_gateway.gateway.openai.errors import APIError
+from vllm_gateway.gateway.core.calls import Target, ask
+from vllm_gateway.gateway.core.errors import APIError
 from vllm_gateway.gateway.openai.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from vllm_gateway.protocol.messages import Embed, Embeddings, TextPrompt, TokensPrompt
 
@@ -23,7 +24,7 @@ def _base64(vector: list[float]) -> str:
 
 
 async def embeddings(client: EngineClient, req: EmbeddingRequest, engine: Target) -> EmbeddingResponse:
-    validation.check_model(req.model, engine.model)
+    check_model(req.model, engine.model)
     if req.encoding_format not in ("float", "base64"):
         raise APIError(400, f"encoding_format must be float or base64, not {req.encoding_format!r}",
                        param="encoding_format")
@@ -34,7 +35,7 @@ async def embeddings(client: EngineClient, req: EmbeddingRequest, engine: Target
     prompts: list[TextPrompt | TokensPrompt] = [p for p in inputs if isinstance(p, (TextPrompt, TokensPrompt))]
     msg = Embed(f"embd-{uuid.uuid4().hex}", prompts, req.dimensions, req.normalize, req.truncate_prompt_tokens)
     # A large batch on a CPU takes a while; the client's disconnect still ends it early.
-    answer: Embeddings = await ask_tokens(client, msg, "input", engine.model, timeout_s=EMBED_TIMEOUT_S)
+    answer: Embeddings = await ask(client, msg, "input", engine.model, timeout_s=EMBED_TIMEOUT_S)
     encode = _base64 if req.encoding_format == "base64" else (lambda v: v)
     data = [Embedding(i, encode(v)) for i, v in enumerate(answer.vectors)]
     used = sum(answer.num_prompt_tokens)

@@ -9,11 +9,9 @@ behind gets the tokens it missed merged, not one event per token.
 
 from __future__ import annotations
 
-import time
 import uuid
-from typing import Any, Protocol
 
-from vllm_gateway.gateway.engines.client import join_tool_calls
+from vllm_gateway.gateway.core.answer import Answer, Book, TokenUsage
 from vllm_gateway.protocol.messages import Delta, TokenLogprob, ToolCallDelta
 from vllm_gateway.gateway.openai.schemas import (
     ChatChoice,
@@ -34,71 +32,11 @@ from vllm_gateway.gateway.openai.schemas import (
     ToolCall,
     TopLogprob,
     Usage,
-    json_encode,
 )
 
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: object) -> bytes:
-    return b"data: " + json_encode(obj) + b"\n\n"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class Formatter(Protocol):
-    """What a call needs of a formatter: engine deltas in, the intake's objects
-    out. Formatters only format: whether the request is finished is its stream's."""
-
-    book: "Book"
-
-    def chunks(self, deltas: list[Delta]) -> list[Any]:
-        """The stream objects for one batch of deltas."""
-
-    def add(self, deltas: list[Delta]) -> None:
-        """Accumulate a batch for the whole (non-streaming) answer."""
-
-    def response(self) -> Any:
-        """The whole answer, once every delta was added."""
-
-
-class Book:
-    """Accounting shared by the formatters: ids, choice indexes, token counts."""
-
-    def __init__(self, request_ids: list[str], n: int, model: str, prefix: str) -> None:
-        self.id = new_id(prefix)
-        self.created = int(time.time())
-        self.model = model
-        self.n = n
-        self.base = {rid: i * n for i, rid in enumerate(request_ids)}
-        self.total_choices = n * len(request_ids)
-        self.prompt_tokens: dict[str, int] = {}
-        self.completion_tokens = 0
-        self.reasoning_tokens: dict[int, int] | None = None  # per choice, with a reasoning parser
-        self.seen: set[int] = set()
-
-    def account(self, d: Delta) -> tuple[int, bool]:
-        """Global choice index of `d`, and whether this is the choice's first delta."""
-        idx = self.base[d.request_id] + d.index
-        self.prompt_tokens[d.request_id] = d.num_prompt_tokens
-        self.completion_tokens += len(d.token_ids)
-        if d.reasoning_tokens is not None:
-            if self.reasoning_tokens is None:
-                self.reasoning_tokens = {}
-            self.reasoning_tokens[idx] = d.reasoning_tokens
-        first = idx not in self.seen
-        if first:
-            self.seen.add(idx)
-        return idx, first
-
-    def usage(self) -> Usage:
-        p = sum(self.prompt_tokens.values())
-        details = None
-        if self.reasoning_tokens is not None:
-            details = CompletionTokensDetails(sum(self.reasoning_tokens.values()))
-        return Usage(p, self.completion_tokens, p + self.completion_tokens, details)
+def openai_usage(u: TokenUsage) -> Usage:
+    details = CompletionTokensDetails(u.reasoning) if u.reasoning is not None else None
+    return Usage(u.prompt, u.completion, u.total, details)
 
 
 def _utf8(token: str) -> list[int]:
@@ -129,11 +67,8 @@ class ChatFormatter:
         self.role = role
         self.continuous_usage = continuous_usage
         # Non-streaming accumulation.
-        self.texts = [""] * n
-        self.reasoning: list[list[str]] = [[] for _ in range(n)]
-        self.tool_calls: list[list[ToolCallDelta]] = [[] for _ in range(n)]
+        self.answers = [Answer() for _ in range(n)]
         self.logprobs: list[list[ChatTokenLogprob] | None] = [None] * n
-        self.finish: list[tuple[str | None, str | int | None]] = [(None, None)] * n
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         b = self.book
@@ -157,31 +92,25 @@ class ChatFormatter:
                 tool_calls=_delta_tool_calls(d.tool_calls) if d.tool_calls else None,
             )
             choice = ChatChunkChoice(idx, delta, lp, d.finish_reason, d.stop_reason)
-            out.append(self._chunk([choice], self.book.usage() if self.continuous_usage else None))
+            out.append(self._chunk([choice], openai_usage(self.book.usage()) if self.continuous_usage else None))
         return out
 
     def usage_chunk(self) -> ChatCompletionChunk:
-        return self._chunk([], self.book.usage())
+        return self._chunk([], openai_usage(self.book.usage()))
 
     def add(self, deltas: list[Delta]) -> None:
         for d in deltas:
             idx, _ = self.book.account(d)
-            self.texts[idx] += d.text
-            if d.reasoning:
-                self.reasoning[idx].append(d.reasoning)
-            if d.tool_calls:
-                self.tool_calls[idx] = join_tool_calls(self.tool_calls[idx], d.tool_calls)
+            self.answers[idx].add(d)
             if d.logprobs is not None:
                 self.logprobs[idx] = (self.logprobs[idx] or []) + chat_logprobs(d.logprobs).content
-            if d.finish_reason is not None:
-                self.finish[idx] = (d.finish_reason, d.stop_reason)
 
     def message(self, i: int) -> ChatMessage:
+        answer = self.answers[i]
         calls = [ToolCall(c.id or f"chatcmpl-tool-{uuid.uuid4().hex}", FunctionCall(c.name or "", c.arguments))
-                 for c in self.tool_calls[i]]
-        text = self.texts[i]
-        return ChatMessage(self.role, text if text or not calls else None,
-                           "".join(self.reasoning[i]) if self.reasoning[i] else None, calls)
+                 for c in answer.tool_calls]
+        text = answer.text
+        return ChatMessage(self.role, text if text or not calls else None, answer.reasoning, calls)
 
     def response(self) -> ChatCompletion:
         b = self.book
@@ -189,11 +118,11 @@ class ChatFormatter:
             ChatChoice(
                 i, self.message(i),
                 ChatLogprobs(self.logprobs[i]) if self.logprobs[i] is not None else None,
-                self.finish[i][0], self.finish[i][1],
+                self.answers[i].finish_reason, self.answers[i].stop_reason,
             )
             for i in range(b.n)
         ]
-        return ChatCompletion(b.id, b.created, b.model, choices, b.usage())
+        return ChatCompletion(b.id, b.created, b.model, choices, openai_usage(b.usage()))
 
 
 class CompletionFormatter:
@@ -248,12 +177,12 @@ class CompletionFormatter:
         for d in deltas:
             idx, text, lp = self._piece(d)
             choice = CompletionChoice(idx, text, lp, d.finish_reason, d.stop_reason)
-            out.append(Completion(b.id, b.created, b.model, [choice], usage=b.usage() if self.continuous_usage else None))
+            out.append(Completion(b.id, b.created, b.model, [choice], usage=openai_usage(b.usage()) if self.continuous_usage else None))
         return out
 
     def usage_chunk(self) -> Completion:
         b = self.book
-        return Completion(b.id, b.created, b.model, [], usage=b.usage())
+        return Completion(b.id, b.created, b.model, [], usage=openai_usage(b.usage()))
 
     def add(self, deltas: list[Delta]) -> None:
         for d in deltas:
@@ -277,4 +206,4 @@ class CompletionFormatter:
             CompletionChoice(i, self.texts[i], self.logprobs[i], self.finish[i][0], self.finish[i][1])
             for i in range(b.total_choices)
         ]
-        return Completion(b.id, b.created, b.model, choices, usage=b.usage())
+        return Completion(b.id, b.created, b.model, choices, usage=openai_usage(b.usage()))

@@ -1,7 +1,8 @@
 """RunPod job inputs and outputs, as RunPod's worker-vllm defined them.
 
-A job's `input` is either OpenAI mode (`openai_route` + `openai_input`, what the
-`https://api.runpod.ai/v2/<id>/openai/v1/...` URLs turn requests into) or standard
+A job's `input` is OpenAI mode (`openai_route` + `openai_input`, what the
+`https://api.runpod.ai/v2/<id>/openai/v1/...` URLs turn requests into), any route
+of the table by worker-vllm's generic `{"route", "method", "body"}`, or standard
 mode (`prompt` or `messages`, `sampling_params`, streaming and batch sizes).
 """
 
@@ -12,12 +13,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from vllm_gateway.gateway.openai.schemas import ChatMessages, PositiveInt, Sampling
-
-# The routes a job reaches, by `openai_route` (POST, or GET for /v1/models) or by
-# worker-vllm's generic `{"route", "method", "body"}`.
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
-                 "/v1/messages/count_tokens", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize")
+from vllm_gateway.gateway.core.requests import ChatMessages, Sampling
+from vllm_gateway.gateway.core.schema import PositiveInt
 
 GrowthFactor = Annotated[float, Meta(ge=1.0)]
 

@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-from vllm_gateway.gateway.openai.errors import APIError
-from vllm_gateway.gateway.openai.formatting import Book
-from vllm_gateway.gateway.openai.validation import chat_messages, sampling_params, structured_outputs
+from vllm_gateway.gateway.core.answer import Answer, Book
+from vllm_gateway.gateway.core.errors import APIError
+from vllm_gateway.gateway.core.generate import chat_messages, sampling_params, structured_outputs
 from vllm_gateway.gateway.runpod.schemas import JobChoice, JobInput, JobOutput, JobSamplingParams, JobUsage
 from vllm_gateway.protocol.messages import ChatPrompt, Delta, Generate, Prompt, TextPrompt
 
@@ -38,7 +38,7 @@ class JobFormatter:
 
     def __init__(self, request_id: str, n: int) -> None:
         self.book = Book([request_id], n, "", "job")
-        self.texts = [""] * n
+        self.answers = [Answer() for _ in range(n)]
 
     def chunks(self, deltas: list[Delta]) -> list[tuple[int, str, int]]:
         """(choice, text, token count) of each delta, in order; not merged, so
@@ -53,15 +53,15 @@ class JobFormatter:
     def add(self, deltas: list[Delta]) -> None:
         for d in deltas:
             idx, _ = self.book.account(d)
-            self.texts[idx] += d.text
+            self.answers[idx].add(d)
 
     def empty(self) -> list[list[str]]:
         return [[] for _ in range(self.book.n)]
 
     def output(self, pieces: list[list[str]], output_tokens: int) -> JobOutput:
         """One stream batch; `output_tokens` counts every token sent so far."""
-        return JobOutput([JobChoice(p) for p in pieces], JobUsage(self.book.usage().prompt_tokens, output_tokens))
+        return JobOutput([JobChoice(p) for p in pieces], JobUsage(self.book.usage().prompt, output_tokens))
 
     def response(self) -> JobOutput:
         usage = self.book.usage()
-        return JobOutput([JobChoice([t]) for t in self.texts], JobUsage(usage.prompt_tokens, usage.completion_tokens))
+        return JobOutput([JobChoice([a.text]) for a in self.answers], JobUsage(usage.prompt, usage.completion))

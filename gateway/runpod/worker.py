@@ -1,16 +1,18 @@
 """The RunPod serverless worker: RunPod's job queue as an intake of the gateway.
 
-`vllm-gateway runpod` starts the engine process(es), waits until they are ready,
-then runs `runpod.serverless.start` in this process with `JobHandler.handle`, an
-async generator, as the handler. Jobs take the input shapes of RunPod's
-worker-vllm (`protocol/runpod.py`): OpenAI mode (`openai_route` + `openai_input`)
-and standard mode (`prompt` / `messages` + `sampling_params`). Streamed output is
-batched: batch sizes grow min, min*g, min*g^2, ... up to max.
+`JobHandler.handle`, an async generator, is the SDK's handler. Jobs take the
+input shapes of RunPod's worker-vllm (runpod/schemas.py): OpenAI mode
+(`openai_route` + `openai_input`) and worker-vllm's generic `{route, method,
+body}`, both answered by the table of operations, as the HTTP server answers
+them; and standard mode (`prompt` / `messages` + `sampling_params`, this
+package's own). Streamed output is batched: batch sizes grow min, min*g,
+min*g^2, ... up to max.
 
-A job that fails yields `{"error": <the OpenAI error object as a JSON string>}`,
+A job that fails yields `{"error": <the route's error object as a JSON string>}`,
 which the SDK turns into a FAILED job; the worker goes on with the next jobs. A
 job RunPod cancels has its engine request aborted at once, and the
-`CancelledError` goes on up to the SDK.
+`CancelledError` goes on up to the SDK. Starting engines and the SDK is the
+command line's (gateway/cli.py).
 """
 
 from __future__ import annotations
@@ -19,50 +21,21 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
-import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_gateway.gateway import VERSION, metrics
-from vllm_gateway.gateway.anthropic import messages
-from vllm_gateway.gateway.anthropic.errors import body as anthropic_error_body
-from vllm_gateway.gateway.anthropic.schemas import count_tokens_request_from_dict, messages_request_from_dict
-from vllm_gateway.gateway.openai.calls import (
-    Call,
-    CallRun,
-    detokenize,
-    model_list,
-    prepare_chat,
-    prepare_completion,
-    ready_engine,
-    target,
-    tokenize,
-)
+from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.config import RunPodSettings
+from vllm_gateway.gateway.core.calls import Call, CallRun
+from vllm_gateway.gateway.core.errors import APIError, decode_or_400
+from vllm_gateway.gateway.core.operations import Context, Incoming, Operations, Result
+from vllm_gateway.gateway.core.schema import from_dict
 from vllm_gateway.gateway.engines.client import EngineClient
-from vllm_gateway.gateway.openai.errors import APIError, decode_or_400
+from vllm_gateway.gateway.runpod.schemas import JobInput, job_input_from_dict, to_builtins
 from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
-from vllm_gateway.gateway.openai.embeddings import embeddings
-from vllm_gateway.gateway.openai.responses import serving as responses
-from vllm_gateway.gateway.openai.responses.schemas import responses_request_from_dict
-from vllm_gateway.gateway.openai.responses.store import ResponseStore
-from vllm_gateway.gateway.openai.schemas import (
-    Health,
-    Version,
-    chat_request_from_dict,
-    completion_request_from_dict,
-    detokenize_request_from_dict,
-    embedding_request_from_dict,
-    json_encode,
-    tokenize_request_from_dict,
-)
-from vllm_gateway.gateway.runpod.schemas import OPENAI_ROUTES, JobInput, job_input_from_dict, to_builtins
 
 log = logging.getLogger("gateway.runpod")
-
 
 
 class BatchSizer:
@@ -83,11 +56,8 @@ class BatchSizer:
         self._size = min(self._size * self.growth, float(self.max))
 
 
-JOB_ROUTES = {("POST", p) for p in OPENAI_ROUTES if p != "/v1/models"} | {("GET", "/v1/models")}
-
-
 class JobError(Exception):
-    """A failed job whose error body is in its API's shape (Anthropic's)."""
+    """A failed job, its error body in its route's shape."""
 
     def __init__(self, body: str, error: APIError) -> None:
         super().__init__(error.message)
@@ -96,34 +66,30 @@ class JobError(Exception):
 
 
 class JobHandler:
-    def __init__(self, settings: RunPodSettings) -> None:
+    def __init__(self, settings: RunPodSettings, operations: Operations) -> None:
         self.settings = settings
-        self._client: EngineClient | None = None
-        self.responses_store = ResponseStore(settings.responses_store_size, settings.responses_store_ttl_s)
+        self.operations = operations
+        # The routes a job reaches by `openai_route` (POST, or GET for what has no POST).
+        self.openai_routes = tuple(dict.fromkeys(op.path for op in operations if op.jobs and "{" not in op.path))
+        self._ctx: Context | None = None
 
-    async def _stored_response(self, method: str, path: str) -> Any:
-        """GET / DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel."""
-        parts = path.split("/")  # "", "v1", "responses", id[, "cancel"]
-        if len(parts) == 4 and method == "GET":
-            return responses.fetch(self.responses_store, parts[3])
-        if len(parts) == 4 and method == "DELETE":
-            return responses.delete(self.responses_store, parts[3])
-        if len(parts) == 5 and parts[4] == "cancel" and method == "POST":
-            return await responses.cancel(self.responses_store, parts[3])
-        raise APIError(404, f"no route {method} {path}", param="route", code="unknown_route")
+    @property
+    def client(self) -> EngineClient | None:
+        return self._ctx.client if self._ctx is not None else None
 
     def concurrency(self, current: int) -> int:
         return self.settings.max_concurrency
 
-    async def _engines(self) -> EngineClient:
+    async def _context(self) -> Context:
         # Made on the first job, in the event loop the SDK runs jobs in.
-        if self._client is None:
-            self._client = EngineClient(self.settings.engine_endpoints, engine_timeout_s=self.settings.engine_timeout_s,
-                                        routing=self.settings.routing)
-            await self._client.start()
-        if not self._client.ready:
-            await self._client.wait_ready(self.settings.engine_wait_s)
-        return self._client
+        if self._ctx is None:
+            s = self.settings
+            client = EngineClient(s.engine_endpoints, engine_timeout_s=s.engine_timeout_s, router=s.routing.router())
+            await client.start()
+            self._ctx = Context(client, s, self.operations)
+        if not self._ctx.client.ready:
+            await self._ctx.client.wait_ready(self.settings.engine_wait_s)
+        return self._ctx
 
     def _sizer(self, job: JobInput) -> BatchSizer:
         s = self.settings
@@ -162,7 +128,9 @@ class JobHandler:
             raise
         finally:
             metrics.IN_FLIGHT.dec()
-            metrics.REQUESTS.labels(route if route in OPENAI_ROUTES or route == "standard" else "other", status).inc()
+            label = route if route == "standard" else self.operations.route_label(route) if isinstance(route, str) \
+                else "other"
+            metrics.REQUESTS.labels(label, status).inc()
 
     def _outputs(self, job: JobInput) -> AsyncIterator[Any]:
         if job.route is not None:
@@ -172,10 +140,11 @@ class JobHandler:
             return self._route("POST", "/v1/embeddings", body, job)
         if job.openai_route is None:
             return self._standard(job)
-        if job.openai_route not in OPENAI_ROUTES:
+        if job.openai_route not in self.openai_routes:
             raise APIError(404, f"unknown openai_route {job.openai_route!r}; this worker serves "
-                           + ", ".join(OPENAI_ROUTES), param="openai_route", code="unknown_route")
-        method = "GET" if job.openai_route == "/v1/models" else "POST"
+                           + ", ".join(self.openai_routes), param="openai_route", code="unknown_route")
+        methods = {op.method for op, _ in self.operations.at(job.openai_route)}
+        method = "POST" if "post" in methods else "GET"
         return self._route(method, job.openai_route, job.openai_input or {}, job)
 
     async def _run(self, client: EngineClient, call: Call) -> CallRun:
@@ -190,69 +159,26 @@ class JobHandler:
 
     async def _route(self, method: str, path: str, body: dict[str, Any], job: JobInput) -> AsyncIterator[Any]:
         """What the HTTP gateway answers to `method path` with `body`: one object,
-        or (streaming) batches of whole events."""
+        or (streaming) batches of whole events; errors in the route's shape."""
+        found = self.operations.find(method, path)
+        if found is None or not found[0].jobs:
+            routes = ", ".join(f"{op.method.upper()} {op.path}" for op in self.operations if op.jobs)
+            raise APIError(404, f"no route {method} {path}; jobs reach {routes}", param="route", code="unknown_route")
+        op, params = found
         try:
-            async for out in self._serve(method, path, body, job):
-                yield out
-        except APIError as e:
-            if path.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's shape
-                raise JobError(json_encode(anthropic_error_body(e)).decode(), e) from None
-            raise
-
-    async def _serve(self, method: str, path: str, body: dict[str, Any], job: JobInput) -> AsyncIterator[Any]:
-        if method == "GET" and path in ("/health", "/ping", "/version"):
-            client = await self._engines()
-            yield {"/version": lambda: to_builtins(Version(ready_engine(client).vllm_version, VERSION)),
-                   "/health": lambda: to_builtins(Health("ok" if client.ready else "unavailable", client.describe())),
-                   "/ping": lambda: {}}[path]()
-            return
-        if path.startswith("/v1/responses/"):
-            yield to_builtins(await self._stored_response(method, path))
-            return
-        route = (method, path)
-        if route not in JOB_ROUTES:
-            raise APIError(404, f"no route {method} {path}; jobs reach " + ", ".join(f"{m} {p}" for m, p in JOB_ROUTES),
-                           param="route", code="unknown_route")
-        client = await self._engines()
-        if path == "/v1/models":
-            yield to_builtins(model_list(client))
-            return
-        engine = target(client, body.get("model") if isinstance(body.get("model"), str) else None,
-                        "embed" if path == "/v1/embeddings" else None if path in ("/tokenize", "/detokenize")
-                        else "generate")
-        model = engine.model
-        if path == "/tokenize":
-            yield to_builtins(await tokenize(client, decode_or_400(tokenize_request_from_dict, body, "openai_input"), engine))
-            return
-        if path == "/detokenize":
-            yield to_builtins(await detokenize(client, decode_or_400(detokenize_request_from_dict, body, "openai_input"),
-                                               engine))
-            return
-        if path == "/v1/embeddings":
-            req = decode_or_400(embedding_request_from_dict, body, "openai_input")
-            yield to_builtins(await embeddings(client, req, engine))
-            return
-        if path == "/v1/messages/count_tokens":
-            req = decode_or_400(count_tokens_request_from_dict, body, "openai_input")
-            yield to_builtins(await messages.count_tokens(client, req, engine))
-            return
-        if path == "/v1/chat/completions":
-            call = prepare_chat(decode_or_400(chat_request_from_dict, body, "openai_input"),
-                                model, self.settings.response_role)
-        elif path == "/v1/completions":
-            call = prepare_completion(decode_or_400(completion_request_from_dict, body, "openai_input"),
-                                      model, engine.max_model_len)
-        elif path == "/v1/messages":
-            call = messages.prepare(decode_or_400(messages_request_from_dict, body, "openai_input"), model)
-        else:
-            req = decode_or_400(responses_request_from_dict, body, "openai_input")
-            prepared = responses.prepare(req, model, self.responses_store)
-            if req.background:
-                yield to_builtins(responses.start_background(client, prepared, self.responses_store,
-                                                             self.settings.request_timeout_s))
+            request = Incoming(decode_or_400(from_dict(op.body), body, "openai_input") if op.body else None, params)
+            ctx = await self._context()
+            out = await op.handler(ctx, request)
+            if not isinstance(out, Call):
+                yield to_builtins(out.body if isinstance(out, Result) else out)
                 return
-            call = prepared.call
-        run = await self._run(client, call)
+            async for batch in self._stream(ctx, out, job):
+                yield batch
+        except APIError as e:
+            raise JobError(op.errors_as.body(e).decode(), e) from None
+
+    async def _stream(self, ctx: Context, call: Call, job: JobInput) -> AsyncIterator[Any]:
+        run = await self._run(ctx.client, call)
         if not call.stream:
             yield to_builtins(await run.collect())
             return
@@ -281,7 +207,8 @@ class JobHandler:
     async def _standard(self, job: JobInput) -> AsyncIterator[Any]:
         gen = job_generate(job, f"job-{uuid.uuid4().hex}")
         fmt = JobFormatter(gen.request_id, gen.params.n)
-        run = await self._run(await self._engines(), Call([gen], fmt, "prompt", job.stream, exact=True))
+        ctx = await self._context()
+        run = await self._run(ctx.client, Call([gen], fmt, "prompt", job.stream, exact=True))
         if not job.stream:
             yield to_builtins(await run.collect())
             return
@@ -314,64 +241,20 @@ def _parse(raw: Any) -> JobInput:
     return decode_or_400(job_input_from_dict, raw, "job input")
 
 
-# ------------------------------------------------------------------- the process
+def run(settings: RunPodSettings, operations: Operations, argv: list[str]) -> None:
+    """Take jobs from RunPod's queue until the SDK stops (engines are ready)."""
+    import sys
 
-
-def main(argv: list[str]) -> int:
-    """`vllm-gateway runpod [runpod SDK flags] [engine flags]`."""
     import runpod
 
-    from vllm_gateway.gateway.supervisor.launcher import EngineProcesses, EngineStartFailed, wait_engines_ready
-
-    try:
-        settings = RunPodSettings.from_env()
-    except ValueError as e:
-        log.error("bad setting: %s", e)
-        return 2
-    # The SDK reads its own flags (--rp_serve_api, --test_input, ...) from sys.argv;
-    # everything else is for the engines.
-    _, engine_argv = runpod.serverless.parser.parse_known_args(argv)
-    engines = None
-    if settings.own_engines:
-        try:
-            engines = EngineProcesses(engine_argv)
-        except ValueError as e:
-            log.error("bad setting: %s", e)
-            return 2
-        settings.engine_endpoints = engines.endpoints
-    # Until the SDK takes over (it handles SIGTERM itself), a stop while the
-    # engines load is a normal stop: exit 0, engines stopped on the way out.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    try:
-        try:
-            statuses = wait_engines_ready(settings.engine_endpoints, engines,
-                                          settings.engine_start_timeout_s, stop.is_set)
-        except EngineStartFailed as e:
-            if stop.is_set():
-                log.info("stopped before the engines were ready")
-                return 0
-            log.error("the worker cannot start: %s", e)
-            return e.exit_code
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.info("engines ready (model %s); starting the RunPod worker, concurrency %d",
-                 statuses[0].model, settings.max_concurrency)
-        if engines is not None:
-            engines.supervise_in_thread()  # a dead engine is restarted; its jobs fail meanwhile
-        handler = JobHandler(settings)
-        metrics.watch_engines(lambda: handler._client)
-        if settings.metrics_port:
-            metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
-            log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-        sys.argv = [sys.argv[0], *argv]
-        runpod.serverless.start({
-            "handler": handler.handle,
-            "concurrency_modifier": handler.concurrency,
-            "return_aggregate_stream": True,
-        })
-        return 0
-    finally:
-        if engines is not None:
-            engines.stop()
+    handler = JobHandler(settings, operations)
+    metrics.watch_engines(lambda: handler.client)
+    if settings.metrics_port:
+        metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    sys.argv = [sys.argv[0], *argv]
+    runpod.serverless.start({
+        "handler": handler.handle,
+        "concurrency_modifier": handler.concurrency,
+        "return_aggregate_stream": True,
+    })

@@ -1,0 +1,251 @@
+"""OpenAI Responses API bodies (`/v1/responses`): the request, the response
+object, its output items and its stream events, as OpenAI defines them. Structs
+only; the conversion to a chat request is `convert.py`, the formatting
+`formatting.py`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from vllm_gateway.gateway.core.schema import NonNegFloat, TokenCount
+
+# ----------------------------------------------------------------------- request
+
+
+class FunctionTool(Struct, kw_only=True, omit_defaults=True):
+    """A function tool, in the Responses API's flat shape."""
+
+    type: str = "function"
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextFormat(Struct, kw_only=True, omit_defaults=True):
+    type: str = "text"  # text, json_object or json_schema
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class TextConfig(Struct, kw_only=True, omit_defaults=True):
+    format: TextFormat | None = None
+
+
+class ReasoningConfig(Struct, kw_only=True, omit_defaults=True):
+    effort: str | None = None
+    summary: str | None = None
+
+
+# Input items (messages, function calls and their outputs) arrive as objects of
+# several shapes; `convert.py` reads them and names the item at fault.
+InputItems = Annotated[list[dict[str, Any]], Meta(max_length=4096)]
+
+
+class ResponsesRequest(Struct, kw_only=True):
+    model: str | None = None
+    input: str | InputItems
+    instructions: str | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: NonNegFloat | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    tools: Annotated[list[FunctionTool], Meta(max_length=1024)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    background: bool = False
+    stream: bool = False
+    include: list[str] | None = None  # accepted; nothing optional is added
+
+
+# ---------------------------------------------------------------------- response
+
+
+class OutputText(Struct, tag_field="type", tag="output_text"):
+    text: str
+    annotations: list[Any] = []
+    logprobs: list[Any] = []
+
+
+class ReasoningText(Struct, tag_field="type", tag="reasoning_text"):
+    text: str
+
+
+class OutputMessage(Struct, tag_field="type", tag="message"):
+    id: str
+    content: list[OutputText]
+    role: str = "assistant"
+    status: str = "completed"
+
+
+class FunctionCallItem(Struct, tag_field="type", tag="function_call"):
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str = "completed"
+
+
+class ReasoningItem(Struct, tag_field="type", tag="reasoning"):
+    id: str
+    summary: list[Any]
+    content: list[ReasoningText]
+    status: str = "completed"
+
+
+OutputItem = Union[OutputMessage, FunctionCallItem, ReasoningItem]
+
+
+class InputTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(Struct):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(Struct):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails = msgspec.field(default_factory=InputTokensDetails)
+    output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
+
+
+class IncompleteDetails(Struct):
+    reason: str
+
+
+class ResponseError(Struct):
+    code: str
+    message: str
+
+
+class Response(Struct, kw_only=True):
+    id: str
+    created_at: int
+    model: str
+    status: str  # queued, in_progress, completed, incomplete, cancelled, failed
+    output: list[OutputItem] = []
+    output_text: str = ""  # the SDKs' convenience: all output_text joined
+    usage: ResponseUsage | None = None
+    incomplete_details: IncompleteDetails | None = None
+    error: ResponseError | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] = []
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    background: bool = False
+    object: str = "response"
+
+
+class DeletedResponse(Struct):
+    id: str
+    deleted: bool = True
+    object: str = "response"
+
+
+# ------------------------------------------------------------------------ events
+# Each streamed event is one of these; `sequence_number` counts them from 0.
+
+
+class ResponseEvent(Struct, tag_field="type", kw_only=True):
+    sequence_number: int = 0
+
+
+class Created(ResponseEvent, tag="response.created"):
+    response: Response
+
+
+class InProgress(ResponseEvent, tag="response.in_progress"):
+    response: Response
+
+
+class Completed(ResponseEvent, tag="response.completed"):
+    response: Response
+
+
+class Incomplete(ResponseEvent, tag="response.incomplete"):
+    response: Response
+
+
+class ItemAdded(ResponseEvent, tag="response.output_item.added"):
+    output_index: int
+    item: OutputItem
+
+
+class ItemDone(ResponseEvent, tag="response.output_item.done"):
+    output_index: int
+    item: OutputItem
+
+
+class _ContentEvent(ResponseEvent):
+    """An event about one content part of one output item."""
+
+    item_id: str
+    output_index: int
+    content_index: int
+
+
+class PartAdded(_ContentEvent, tag="response.content_part.added"):
+    part: OutputText | ReasoningText
+
+
+class PartDone(_ContentEvent, tag="response.content_part.done"):
+    part: OutputText | ReasoningText
+
+
+class TextDelta(_ContentEvent, tag="response.output_text.delta"):
+    delta: str
+    logprobs: list[Any] = []
+
+
+class TextDone(_ContentEvent, tag="response.output_text.done"):
+    text: str
+    logprobs: list[Any] = []
+
+
+class ReasoningDelta(_ContentEvent, tag="response.reasoning_text.delta"):
+    delta: str
+
+
+class ReasoningDone(_ContentEvent, tag="response.reasoning_text.done"):
+    text: str
+
+
+class ArgumentsDelta(ResponseEvent, tag="response.function_call_arguments.delta"):
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDone(ResponseEvent, tag="response.function_call_arguments.done"):
+    item_id: str
+    output_index: int
+    arguments: str
+    name: str | None = None
+
+
+class ErrorEvent(ResponseEvent, tag="error"):
+    message: str
+    code: str | None = None
+    param: str | None = None

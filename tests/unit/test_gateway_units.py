@@ -1,0 +1,271 @@
+"""Units of the gateway, no vLLM: formatting, routing, restart detection, restart
+backoff; and failover between engines, with the synthetic engine (it speaks the
+real protocol) in separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from support import ROOT, Proc, child_env, free_port, wait_healthy
+from vllm_gateway.gateway.core.schema import json_encode
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine
+from vllm_gateway.gateway.engines.streams import StreamFailed
+from vllm_gateway.gateway.openai.formatting import ChatFormatter, CompletionFormatter
+from vllm_gateway.gateway.supervisor import launcher
+from vllm_gateway.protocol.messages import PROTOCOL_VERSION, Delta, EngineStatus, Generate, SamplingParams, TextPrompt, TokenLogprob
+
+# ------------------------------------------------------------------ formatting
+
+
+def test_chat_chunks_usage_and_whole_answer():
+    fmt = ChatFormatter("r", 2, "m", "assistant", continuous_usage=True)
+    assert [c.delta.role for c in fmt.role_chunk().choices] == ["assistant", "assistant"]
+    chunks = fmt.chunks([Delta("r", 0, "Hel", [1, 2], 5), Delta("r", 1, "Hi", [3], 5, "stop", "\n")])
+    assert [(c.choices[0].index, c.choices[0].delta.content, c.choices[0].finish_reason) for c in chunks] == [
+        (0, "Hel", None), (1, "Hi", "stop")]
+    assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].usage.prompt_tokens == 5
+    assert fmt.usage_chunk().usage.total_tokens == 8
+
+    whole = ChatFormatter("r", 1, "m", "bot")
+    whole.add([Delta("r", 0, "Hel", [1], 5,
+                     logprobs=[TokenLogprob(1, "Hel", -0.5, [("Hel", -0.5, 1), ("Ha", -1.0, 9)])])])
+    whole.add([Delta("r", 0, "lo", [2], 5, "length", logprobs=[TokenLogprob(2, "lo", -1e6)])])
+    r = whole.response()
+    assert r.choices[0].message.content == "Hello" and r.choices[0].message.role == "bot"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+    assert [t.logprob for t in r.choices[0].logprobs.content] == [-0.5, -9999.0]  # clamped as OpenAI does
+    assert r.choices[0].logprobs.content[0].bytes == list(b"Hel")
+
+
+def test_tool_call_pieces_merge_and_format_as_openai_deltas():
+    """A lagging reader's merged deltas (and a non-streamed answer) join the
+    pieces of each tool call: id and name kept from the first, arguments in order."""
+    from vllm_gateway.gateway.engines.streams import merge
+    from vllm_gateway.protocol.messages import ToolCallDelta
+
+    pieces = [
+        Delta("r", 0, "", [1], 5, reasoning="Let me "),
+        Delta("r", 0, "", [2], 5, reasoning="look.", tool_calls=[ToolCallDelta(0, "call_a", "get_weather", "")]),
+        Delta("r", 0, "", [3], 5, tool_calls=[ToolCallDelta(0, arguments='{"city": ')]),
+        Delta("r", 0, "", [4], 5, tool_calls=[ToolCallDelta(0, arguments='"Paris"}'),
+                                              ToolCallDelta(1, "call_b", "get_time", '{"zone"')]),
+        Delta("r", 0, "", [5], 5, finish_reason="tool_calls", tool_calls=[ToolCallDelta(1, arguments=': "UTC"}')],
+              reasoning_tokens=2),
+    ]
+    [merged] = merge(pieces)
+    assert merged.reasoning == "Let me look." and merged.token_ids == [1, 2, 3, 4, 5]
+    assert [(c.index, c.id, c.name, c.arguments) for c in merged.tool_calls] == [
+        (0, "call_a", "get_weather", '{"city": "Paris"}'), (1, "call_b", "get_time", '{"zone": "UTC"}')]
+    assert merged.finish_reason == "tool_calls" and merged.reasoning_tokens == 2
+
+    fmt = ChatFormatter("r", 1, "m", "assistant")
+    chunks = [json.loads(json_encode(c)) for c in fmt.chunks(pieces)]
+    first_call = chunks[1]["choices"][0]["delta"]["tool_calls"][0]
+    assert first_call == {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert chunks[2]["choices"][0]["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    whole = ChatFormatter("r", 1, "m", "assistant")
+    whole.add(pieces)
+    msg = json.loads(json_encode(whole.response()))["choices"][0]["message"]
+    assert msg["content"] is None and msg["reasoning"] == "Let me look."
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] == [
+        ("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_time", {"zone": "UTC"})]
+    assert json.loads(json_encode(whole.response()))["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+
+
+def test_completion_echo_offsets_and_prompt_indexes():
+    fmt = CompletionFormatter(["a", "b"], 1, "m", echo=True)
+    lp = [TokenLogprob(7, "ok", -0.1)]
+    fmt.add([Delta("a", 0, "ok", [7], 2, "length", logprobs=lp, prompt_text="Hi ",
+                   prompt_logprobs=[None, TokenLogprob(4, " ", -2.0)])])
+    fmt.add([Delta("b", 0, "yes", [8], 3, "stop", prompt_text="Yo ")])
+    r = fmt.response()
+    assert [c.text for c in r.choices] == ["Hi ok", "Yo yes"]  # one choice per prompt, prompt echoed
+    assert r.choices[0].logprobs.tokens == ["", " ", "ok"]
+    assert r.choices[0].logprobs.token_logprobs == [None, -2.0, -0.1]
+    assert r.choices[0].logprobs.text_offset == [0, 0, 1]
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 2
+
+
+# ------------------------------------------------------- routing and restarts
+
+
+def status(instance: str = "i1", running: int = 0, state: str = "ready") -> EngineStatus:
+    return EngineStatus("0", instance, state, "m", 64, running=running, protocol_version=PROTOCOL_VERSION)
+
+
+def gen(rid: str) -> Generate:
+    return Generate(rid, TextPrompt("hi"), SamplingParams(max_tokens=4))
+
+
+def with_client(tmp_path, n: int, body) -> None:
+    async def main():
+        client = EngineClient([f"ipc://{tmp_path}/e{i}" for i in range(n)])
+        try:
+            await body(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_least_loaded_routing_spreads_a_burst(tmp_path):
+    async def body(client: EngineClient):
+        for e, running in zip(client.engines, (3, 0, 1)):
+            client._on_status(e, status(running=running))
+        # the reports are stale within a burst: requests sent since count too
+        picked = [client.submit([gen(f"r{i}")]).engine for i in range(6)]
+        idx = [client.engines.index(e) for e in picked]
+        assert idx[:2] == [1, 1] or idx[:3].count(1) >= 2
+        loads = [e.load for e in client.engines]
+        assert max(loads) - min(loads) <= 1, loads
+        # a new report resets what was counted
+        client._on_status(client.engines[1], status(running=6))
+        assert client.engines[1].unreported == 0
+
+    with_client(tmp_path, 3, body)
+
+
+def test_an_engine_that_is_not_ready_gets_nothing(tmp_path):
+    async def body(client: EngineClient):
+        a, b = client.engines
+        client._on_status(a, status(running=0, state="loading"))
+        client._on_status(b, status(running=50))
+        assert all(client.submit([gen(f"r{i}")]).engine is b for i in range(3))
+        b.last_seen -= 60  # silent for a minute: not ready either
+        assert not client.ready
+        with pytest.raises(NoEngine):
+            client.submit([gen("r9")])
+
+    with_client(tmp_path, 2, body)
+
+
+def test_a_restarted_engine_fails_what_it_had_in_flight(tmp_path):
+    async def body(client: EngineClient):
+        [e] = client.engines
+        client._on_status(e, status("first-life"))
+        stream = client.submit([gen("r1")])
+        client._on_status(e, status("first-life"))  # the same life: nothing happens
+        assert stream.error is None
+        client._on_status(e, status("second-life"))  # a new instance knows nothing of r1
+        with pytest.raises(StreamFailed) as failed:
+            await stream.next()
+        assert failed.value.failure.kind.name == "ENGINE_UNAVAILABLE"
+        assert e.ready and not e.streams
+
+    with_client(tmp_path, 1, body)
+
+
+# ------------------------------------------------------------- restart backoff
+
+
+class FakeEngines(launcher.EngineProcesses):
+    """EngineProcesses whose 'engines' are short Python processes that exit at once."""
+
+    def __init__(self, exit_code: int = 3) -> None:
+        self.exit_code = exit_code
+        super().__init__([], env={"NUM_ENGINES": "1"})
+
+    def _spawn(self, slot):
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({self.exit_code})"])
+
+
+def test_restart_backoff_doubles_up_to_the_cap_and_resets_after_a_long_run(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    engines = FakeEngines()
+    try:
+        engines.mark_ready()
+        delays = []
+        for _ in range(8):
+            engines.procs[0].wait()
+            engines.poll()  # notices the exit, schedules the restart
+            delays.append(engines.restart_at[0] - clock[0])
+            clock[0] = engines.restart_at[0]
+            engines.poll()  # restarts it
+            assert engines.restart_at[0] is None
+        assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+        clock[0] += launcher.RESTART_BACKOFF_RESET_S + 1  # it ran for a long while before dying
+        engines.procs[0].wait()
+        engines.poll()
+        assert engines.restart_at[0] - clock[0] == launcher.RESTART_BACKOFF_MIN_S
+    finally:
+        engines.stop()
+
+
+@pytest.mark.parametrize("engine_code,command_code", [(3, 1), (2, 2)])
+def test_an_engine_that_dies_before_it_was_ever_ready_is_a_start_failure(engine_code, command_code):
+    """An engine that refused its settings (exit 2) makes `serve` / `runpod` exit 2 too."""
+    engines = FakeEngines(engine_code)
+    try:
+        engines.procs[0].wait()
+        with pytest.raises(launcher.EngineStartFailed) as failed:
+            engines.poll()
+        assert failed.value.exit_code == command_code
+    finally:
+        engines.stop()
+
+
+# ------------------------------------------------- failover, synthetic engines
+
+
+def test_failover_between_two_synthetic_engines(run_dir):
+    """Two protocol-speaking engines; one killed mid-stream: its streams fail with
+    engine_unavailable within a second, the other's finish whole, and new requests
+    go to the survivor."""
+    endpoints = [f"ipc://{run_dir}/synthetic-{i}" for i in range(2)]
+    engines = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"),
+                                 "--endpoint", ep, "--step-ms", "20"], env=child_env()) for ep in endpoints]
+    port = free_port()
+    gateway = Proc("synthetic-gateway", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints",
+                                         ",".join(endpoints)], child_env(), run_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [gateway], 60)
+        while not all(e["ready"] for e in httpx.get(url + "/health").json()["engines"]):
+            time.sleep(0.05)
+        results: list[tuple[str, str, float]] = []  # (outcome, text, when)
+
+        def stream() -> None:
+            text = []
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                    "model": "synthetic", "prompt": "x", "max_tokens": 200, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            results.append((event["error"]["type"], "".join(text), time.monotonic()))
+                            return
+                        text.append(event["choices"][0]["text"])
+            results.append(("ok", "".join(text), time.monotonic()))
+
+        threads = [threading.Thread(target=stream) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # every stream under way (200 tokens take 4 s)
+        in_flight = [e["in_flight"] for e in httpx.get(url + "/health").json()["engines"]]
+        assert in_flight == [3, 3], in_flight
+        killed = time.monotonic()
+        engines[0].send_signal(signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        failed = [r for r in results if r[0] != "ok"]
+        ok = [r for r in results if r[0] == "ok"]
+        assert len(failed) == 3 and all(r[0] == "engine_unavailable" and r[2] - killed < 1.0 for r in failed), failed
+        assert len(ok) == 3 and all(r[1] == ("0123456789" * 20) for r in ok)
+        r = httpx.post(url + "/v1/completions", json={"model": "synthetic", "prompt": "x", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "01234"
+    finally:
+        gateway.stop()
+        for e in engines:
+            e.kill()
+            e.wait()
