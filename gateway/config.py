@@ -101,7 +101,8 @@ class GatewaySettings(ServingSettings):
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
     # write per stream every N ms (fewer, larger SSE events: less CPU per token).
     stream_interval_ms: float = 0
-    # API keys (none: no key needed) and the paths open without one.
+    # API keys (none: no key needed) and the paths open without one (probes and
+    # scrapers carry no key).
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # never printed
     open_paths: tuple[str, ...] = ("/health", "/ping", "/metrics")
 

@@ -27,7 +27,7 @@ from vllm_gateway.gateway.anthropic.schemas import (
     ToolUseBlock,
     Usage,
 )
-from vllm_gateway.gateway.core.answer import Answer, Book
+from vllm_gateway.gateway.core.answer import OneChoiceAnswer
 from vllm_gateway.gateway.core.calls import Wire
 from vllm_gateway.gateway.core.schema import json_encode
 from vllm_gateway.protocol.messages import Delta, ToolCallDelta
@@ -48,12 +48,12 @@ def _input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-class MessagesFormatter:
+class MessagesFormatter(OneChoiceAnswer):
     """One Anthropic answer: content blocks (thinking, text, tool_use) in the
     order the model wrote them; streamed as Anthropic's events."""
 
     def __init__(self, request_id: str, model: str) -> None:
-        self.book = Book([request_id], 1, model, "msg")
+        super().__init__(request_id, model, "msg")
         self.book.id = f"msg_{uuid.uuid4().hex}"
         self.model = model
         self.finish: tuple[str | None, str | int | None] = (None, None)
@@ -61,7 +61,6 @@ class MessagesFormatter:
         self._blocks: list[str] = []  # kinds of the streamed blocks so far
         self._open: int | None = None  # the streamed block being written (its index)
         self._open_call = -1  # its tool call's index, for tool_use blocks
-        self.answer = Answer()  # the whole (non-streamed) answer
 
     # ------------------------------------------------------------------ stream
 
@@ -119,11 +118,6 @@ class MessagesFormatter:
         out.append(BlockStart(self._open, block))
 
     # ------------------------------------------------------------------- whole
-
-    def add(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            self.book.account(d)
-            self.answer.add(d)
 
     def response(self) -> Message:
         a = self.answer

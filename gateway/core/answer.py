@@ -94,3 +94,17 @@ class Answer:
     def reasoning(self) -> str | None:
         """The reasoning, or None where there was none."""
         return "".join(self._reasoning) if self._reasoning else None
+
+
+class OneChoiceAnswer:
+    """The whole-answer half of a one-choice API's formatter (Anthropic's
+    messages, Responses): its accounting and its accumulated answer."""
+
+    def __init__(self, request_id: str, model: str, prefix: str) -> None:
+        self.book = Book([request_id], 1, model, prefix)
+        self.answer = Answer()
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            self.book.account(d)
+            self.answer.add(d)

@@ -11,12 +11,8 @@ from collections.abc import Callable, Iterable
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.core.errors import OPENAI_ERRORS, APIError, ErrorShape
 
-# Probes and scrapers carry no key: open by default.
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
-
-
 class ApiKeyAuth:
-    def __init__(self, app, keys: Iterable[str], open_paths: Iterable[str] = OPEN_PATHS,
+    def __init__(self, app, keys: Iterable[str], open_paths: Iterable[str] = (),
                  errors_for: Callable[[str], ErrorShape] = lambda path: OPENAI_ERRORS) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]

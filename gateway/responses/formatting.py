@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from vllm_gateway.gateway.core.answer import Answer, Book
+from vllm_gateway.gateway.core.answer import OneChoiceAnswer
 from vllm_gateway.gateway.responses.schemas import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -61,19 +61,18 @@ class _Open:
         self.name = ""
 
 
-class ResponsesFormatter:
+class ResponsesFormatter(OneChoiceAnswer):
     """One Responses API answer. `template` is the response object as created
     (request fields echoed); the formatter fills in output, status and usage."""
 
     def __init__(self, request_id: str, template: Response) -> None:
-        self.book = Book([request_id], 1, template.model, "resp")
+        super().__init__(request_id, template.model, "resp")
         self.book.id = template.id
         self.template = template
         self.items: list[OutputItem] = []
         self.seq = 0
         self.finish: str | None = None
         self._open: _Open | None = None
-        self.answer = Answer()  # the whole (non-streamed) answer
         # Called with the finished response (to store it, when asked).
         self.on_final: Callable[[Response], object] | None = None
 
@@ -173,11 +172,6 @@ class ResponsesFormatter:
         out.append(self._event(ItemDone(output_index=o.index, item=item)))
 
     # ------------------------------------------------------------------- whole
-
-    def add(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            self.book.account(d)
-            self.answer.add(d)
 
     def response(self) -> Response:
         a = self.answer
