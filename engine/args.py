@@ -129,6 +129,11 @@ SETTINGS: tuple[Setting, ...] = (
             "packaged all-MiniLM-L6-v2"),
     Setting("LORA_MODULES", None, parse_lora_modules, help="LoRA adapters served from the start: name=path "
             "pairs, or JSON objects with name, path (and base_model_name)"),
+    Setting("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None, parse_bool, help="adapters loaded and unloaded at run time "
+            "(vLLM's switch; the engine enforces it, whoever asks)"),
+    Setting("LORA_ROOT", None, help="run-time adapters only from inside this folder"),
+    Setting("ENGINE_STALL_TIMEOUT_S", None, float, help="requests running and vLLM silent this long: the engine "
+            "is stuck, fails them and exits to be replaced (default 180; 0: never)"),
 )
 
 # vLLM engine arguments not read from their upper-snake-case variable: named

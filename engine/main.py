@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_id=ns.engine_id,
         chat=chat,
         lora_modules=settings.get("LORA_MODULES", []),
+        runtime_lora=bool(settings.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False)),
+        lora_root=settings.get("LORA_ROOT") or None,
+        stall_timeout_s=settings.get("ENGINE_STALL_TIMEOUT_S", server.EngineConfig.stall_timeout_s),
         keys=keys,
     )
     return server.serve(config)

@@ -5,6 +5,7 @@ adapter as their model; vLLM applies it per request."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from vllm.lora.request import LoRARequest
@@ -18,12 +19,16 @@ log = logging.getLogger("engine.models")
 class ServedModels:
     """The engine's model and its adapters, by the names clients use."""
 
-    def __init__(self, name: str, root: str, task: str, max_model_len: int, lora_enabled: bool) -> None:
+    def __init__(self, name: str, root: str, task: str, max_model_len: int, lora_enabled: bool,
+                 runtime_updates: bool = False, lora_root: str | None = None) -> None:
         self.name = name
         self.root = root
         self.task = task
         self.max_model_len = max_model_len
         self.lora_enabled = lora_enabled
+        # Whoever reaches this engine's socket is held to these, not only the gateway's clients.
+        self.runtime_updates = runtime_updates
+        self.lora_root = os.path.realpath(lora_root) if lora_root else None
         self.adapters: dict[str, LoRARequest] = {}
         self._next_id = 1
 
@@ -42,7 +47,26 @@ class ServedModels:
                              + ", ".join([self.name, *self.adapters]), "model", FailureKind.NOT_FOUND)
         return adapter
 
-    async def load(self, llm: Any, name: str, path: str) -> str:
+    def _runtime_allowed(self) -> None:
+        if not self.runtime_updates:
+            raise BadRequest("loading LoRA adapters at run time is off on this engine: set "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", "lora_name", FailureKind.NOT_FOUND)
+
+    def _inside_root(self, path: str) -> None:
+        """With LORA_ROOT, only paths inside it (links resolved); the refusal is the
+        same whether an outside path exists or not."""
+        if self.lora_root is None:
+            return
+        real = os.path.realpath(os.path.join(self.lora_root, path))
+        if os.path.commonpath([real, self.lora_root]) != self.lora_root:
+            raise BadRequest("lora_path must be inside LORA_ROOT", "lora_path")
+
+    async def load(self, llm: Any, name: str, path: str, at_start: bool = False) -> str:
+        if not at_start:
+            self._runtime_allowed()
+            self._inside_root(path)
+            if self.lora_root is not None:
+                path = os.path.realpath(os.path.join(self.lora_root, path))
         if not self.lora_enabled:
             raise BadRequest("LoRA is not enabled on this engine (ENABLE_LORA=1)", "lora_name")
         if name == self.name or name in self.adapters:
@@ -59,6 +83,7 @@ class ServedModels:
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload(self, llm: Any, name: str) -> str:
+        self._runtime_allowed()
         request = self.adapters.pop(name, None)
         if request is None:
             raise BadRequest(f"The LoRA adapter '{name}' cannot be found.", "lora_name", FailureKind.NOT_FOUND)

@@ -80,7 +80,11 @@ class EngineConfig:
     engine_id: str = "0"
     chat: ChatSettings = dataclasses.field(default_factory=ChatSettings)
     lora_modules: list[dict[str, str]] = dataclasses.field(default_factory=list)  # LORA_MODULES
+    runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: adapters loaded and unloaded at run time
+    lora_root: str | None = None  # LORA_ROOT: run-time adapters only from inside this folder
     keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
+    # ENGINE_STALL_TIMEOUT_S: requests running and vLLM silent this long: stuck (0: never).
+    stall_timeout_s: float = 180.0
 
 
 @dataclasses.dataclass
@@ -151,6 +155,8 @@ class EngineServer:
         self.stats: dict[str, RequestStats] = {}
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
+        self.last_progress = time.monotonic()  # vLLM's last output (or when it had nothing to do)
+        self.stalled = False
         self._stopping = asyncio.Event()
         # What each gateway message does (one handler per message type).
         self._handlers: dict[type, Any] = {
@@ -179,10 +185,11 @@ class EngineServer:
             self.chat.warmup()
         self.inputs = InputRenderer(self.tokenizer, self.max_model_len, self.chat)
         self.models = ServedModels(self.config.served_model_name, str(self.config.engine_args.get("model", "")), task,
-                                   self.max_model_len, bool(self.config.engine_args.get("enable_lora")))
+                                   self.max_model_len, bool(self.config.engine_args.get("enable_lora")),
+                                   self.config.runtime_lora, self.config.lora_root)
         for module in self.config.lora_modules:
             try:
-                await self.models.load(self.llm, module["name"], module["path"])
+                await self.models.load(self.llm, module["name"], module["path"], at_start=True)
             except BadRequest as e:
                 log.error("LORA_MODULES: %s", e)
                 self.llm.shutdown()
@@ -208,6 +215,12 @@ class EngineServer:
         log.info("engine %s stopping", self.config.engine_id)
         for t in workers:
             t.cancel()
+        if self.stalled:
+            # vLLM's shutdown would wait on the stuck core: leave at once; the
+            # reaper (or the supervisor) kills what is left of the group.
+            await asyncio.sleep(0.2)  # the failures and the status reach the gateways
+            logging.shutdown()
+            os._exit(3)
         for t in list(self.tasks.values()):
             t.cancel()
         died = self.llm.errored  # read before shutdown, which marks the core dead
@@ -270,7 +283,7 @@ class EngineServer:
 
     def _status(self, state: str = "ready") -> EngineStatus:
         load = self.load
-        if self.llm is not None and self.llm.errored:
+        if self.stalled or (self.llm is not None and self.llm.errored):
             state = "failed"
         return EngineStatus(
             engine_id=self.config.engine_id,
@@ -333,9 +346,33 @@ class EngineServer:
             if self.llm is not None and self.llm.errored:
                 log.error("vLLM engine core died: %s", self.llm.dead_error)
                 self._stopping.set()
+            if not self.running:
+                self.last_progress = now  # idle time is no stall
+            elif 0 < self.config.stall_timeout_s < now - self.last_progress and not self.stalled:
+                self._stall(now - self.last_progress)
             was_busy, busy = busy, bool(self.tasks or self.running)
             if busy or was_busy:  # once more after the last request: its end shows at once
                 self._broadcast_status()
+
+    def _stall(self, silent_s: float) -> None:
+        """vLLM has requests and has produced nothing for ENGINE_STALL_TIMEOUT_S
+        (a hung kernel, a deadlock, a stopped engine core) while this loop still
+        runs: fail the requests, say so, and exit, so that the supervisor (our
+        launcher, supervisord, systemd) replaces the engine; its reaper takes the
+        whole process group down, stopped processes included."""
+        log.error("vLLM made no progress for %.0f s with %d request(s) running (ENGINE_STALL_TIMEOUT_S=%g): "
+                  "the engine is stuck; failing its requests and exiting to be replaced",
+                  silent_s, len(self.running), self.config.stall_timeout_s)
+        self.stalled = True
+        for rid in list(self.running):
+            ident = self.owner.get(rid)
+            self.forget(rid)
+            if ident is not None:
+                self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE,
+                                                f"the engine stalled (no progress for {silent_s:.0f} s) and is "
+                                                "being replaced; retry the request"))
+        self._broadcast_status("failed")
+        self._stopping.set()
 
     def _forget_gateway(self, ident: bytes) -> None:
         del self.gateways[ident]
@@ -367,6 +404,7 @@ class EngineServer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.last_progress = time.monotonic()
         pending, self._pending = self._pending, {}
         for ident, deltas in pending.items():
             self._send(ident, Outputs(deltas))

@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 
-from vllm_gateway.protocol.endpoints import parse_endpoints
 
 
 def _setup_logging() -> None:
@@ -48,15 +47,15 @@ def http_main(argv: list[str]) -> int:
     p.add_argument("--engine-endpoints", default=None,
                    help="comma-separated ZeroMQ endpoints of the engines (ENGINE_ENDPOINTS)")
     ns = p.parse_args(argv)
+    env = dict(os.environ)
+    if ns.engine_endpoints:  # the flag wins, and whatever follows from it (the default request cap)
+        env["ENGINE_ENDPOINTS"] = ns.engine_endpoints
     try:
-        settings = GatewaySettings.from_env()
+        settings = GatewaySettings.from_env(env)
     except ValueError as e:
         logging.getLogger("gateway").error("bad setting: %s", e)
         return 2
-    settings = dataclasses.replace(
-        settings, host=ns.host or settings.host, port=ns.port or settings.port,
-        engine_endpoints=parse_endpoints(ns.engine_endpoints) if ns.engine_endpoints else settings.engine_endpoints,
-    )
+    settings = dataclasses.replace(settings, host=ns.host or settings.host, port=ns.port or settings.port)
     serve(settings, operations())
     return 0
 

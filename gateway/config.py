@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from vllm_gateway.gateway.engines.routing import POLICIES, Balance, Router
 from vllm_gateway.protocol.endpoints import parse_endpoints
+from vllm_gateway.protocol.transport import check_client_endpoints
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
@@ -56,6 +57,12 @@ class RoutingSettings:
         return Router(self.policy, Balance(self.balance_abs, self.balance_rel))  # type: ignore[arg-type]
 
 
+# MAX_CONCURRENT_REQUESTS' default per engine behind a gateway: twice vLLM's default
+# max_num_seqs (256), so that every engine can be full with as many waiting, and
+# no more queue than that builds up in front of it.
+PER_ENGINE_CONCURRENCY = 512
+
+
 @dataclasses.dataclass
 class ServingSettings:
     """What every intake serves with: the engines, timeouts, chat's role, stored
@@ -66,6 +73,7 @@ class ServingSettings:
     engine_timeout_s: float = 5  # an engine silent this long fails its requests
     engine_start_timeout_s: float = 3600  # engines not ready by then is an error
     request_timeout_s: float = 0  # 0: no limit
+    drain_timeout_s: float = 30  # on SIGTERM, running requests may finish for this long
     response_role: str = "assistant"
     # Stored Responses API answers (previous_response_id, GET, background): per process.
     responses_store_size: int = 1000
@@ -76,11 +84,14 @@ class ServingSettings:
 
     @classmethod
     def _read(cls, env: Mapping[str, str]) -> dict:
+        endpoints = parse_endpoints(env.get("ENGINE_ENDPOINTS"))
+        check_client_endpoints(endpoints, env)
         return dict(
-            engine_endpoints=parse_endpoints(env.get("ENGINE_ENDPOINTS")),
+            engine_endpoints=endpoints,
             engine_timeout_s=_env(env, "ENGINE_TIMEOUT_S", cls.engine_timeout_s, float),
             engine_start_timeout_s=_env(env, "ENGINE_START_TIMEOUT_S", cls.engine_start_timeout_s, float),
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
+            drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
             responses_store_size=_env(env, "RESPONSES_STORE_SIZE", cls.responses_store_size, int),
             responses_store_ttl_s=_env(env, "RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
@@ -97,10 +108,16 @@ class GatewaySettings(ServingSettings):
     port: int = 8000
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout_s: float = 30  # a request body must arrive within this
-    drain_timeout_s: float = 30
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
     # write per stream every N ms (fewer, larger SSE events: less CPU per token).
     stream_interval_ms: float = 0
+    # Requests reaching an engine in flight at once; beyond it a 429 at once. 0: no cap.
+    # Default: PER_ENGINE_CONCURRENCY per engine behind this gateway.
+    max_concurrent_requests: int = 512
+    # A stream whose client reads nothing for this long, or lets this many engine
+    # outputs pile up unsent, is ended (its engine request aborted). 0: no limit.
+    stream_write_timeout_s: float = 30
+    stream_max_unsent: int = 2048
     # API keys (none: no key needed) and the paths open without one (probes and
     # scrapers carry no key).
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # never printed
@@ -114,8 +131,12 @@ class GatewaySettings(ServingSettings):
             port=_env(env, "PORT", cls.port, int),
             max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
             body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
-            drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),
+            max_concurrent_requests=_env(
+                env, "MAX_CONCURRENT_REQUESTS",
+                PER_ENGINE_CONCURRENCY * len(parse_endpoints(env.get("ENGINE_ENDPOINTS"))), int),
+            stream_write_timeout_s=_env(env, "STREAM_WRITE_TIMEOUT_S", cls.stream_write_timeout_s, float),
+            stream_max_unsent=_env(env, "STREAM_MAX_UNSENT", cls.stream_max_unsent, int),
             api_keys=api_keys(env),
             open_paths=tuple(p.strip() for p in env.get("API_KEY_OPEN_PATHS", ",".join(cls.open_paths)).split(",")
                              if p.strip()),
@@ -124,17 +145,26 @@ class GatewaySettings(ServingSettings):
 
 def api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
     """Keys comma-separated in API_KEY and VLLM_API_KEY (vllm serve's name), and
-    one per line in API_KEY_FILE (blank lines and `#` comments skipped)."""
+    one per line in API_KEY_FILE (blank lines and `#` comments skipped). Keys fail
+    closed: a variable that is set but names no key (API_KEY=",", an empty key
+    file) is an error, never a server open to all."""
     keys: list[str] = []
     for name in ("API_KEY", "VLLM_API_KEY"):
-        keys += [k.strip() for k in env.get(name, "").split(",") if k.strip()]
+        raw = env.get(name, "")
+        found = [k.strip() for k in raw.split(",") if k.strip()]
+        if raw.strip() and not found:
+            raise ValueError(f"{name} is set but holds no key (refusing to serve every route without one)")
+        keys += found
     path = env.get("API_KEY_FILE")
     if path:
         try:
             with open(path) as f:
-                keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+                found = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         except OSError as e:
             raise ValueError(f"API_KEY_FILE={path!r}: {e.strerror}") from None
+        if not found:
+            raise ValueError(f"API_KEY_FILE={path!r} holds no key (refusing to serve every route without one)")
+        keys += found
     return tuple(dict.fromkeys(keys))
 
 

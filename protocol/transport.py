@@ -111,6 +111,23 @@ def secure_client(sock: zmq.Socket, env: Mapping[str, str] = os.environ) -> None
     sock.curve_secretkey = secret
 
 
+ALLOW_PLAINTEXT = "ENGINE_ALLOW_PLAINTEXT"
+
+
+def check_client_endpoints(endpoints: list[str], env: Mapping[str, str] = os.environ) -> None:
+    """A gateway talks plaintext only to engines on this host (ipc://, loopback
+    tcp://): beyond it, CURVE (ENGINE_CURVE_PUBLIC_KEY_FILE), or the explicit
+    ENGINE_ALLOW_PLAINTEXT=1 of a network the operator trusts."""
+    if env.get("ENGINE_CURVE_PUBLIC_KEY_FILE") or env.get(ALLOW_PLAINTEXT, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    remote = [ep for ep in endpoints if not is_loopback(ep)]
+    if remote:
+        raise InsecureEndpoint(
+            f"refusing to talk plaintext to {', '.join(remote)} (beyond this host): configure CURVE "
+            f"(ENGINE_CURVE_PUBLIC_KEY_FILE and GATEWAY_CURVE_SECRET_KEY_FILE), or set {ALLOW_PLAINTEXT}=1 on a "
+            "network you trust")
+
+
 def create_keys(directory: str, name: str) -> tuple[str, str]:
     """Write `name.key` (public) and `name.key_secret` into `directory`."""
     os.makedirs(directory, exist_ok=True)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from vllm_gateway.gateway.config import ServingSettings
+from vllm_gateway.gateway.core.admission import Admission
 from vllm_gateway.gateway.core.errors import OPENAI_ERRORS, ErrorShape
 from vllm_gateway.gateway.engines.client import EngineClient
 
@@ -33,9 +34,18 @@ class Context:
     settings: ServingSettings
     operations: "Operations"
     draining: bool = False  # stopping: new work is refused, what runs may finish
+    admission: Admission = dataclasses.field(default_factory=Admission)  # requests reaching an engine now
     # State an intake keeps per process, each entry owned by the package that
     # made it (the stored responses, say): `state.setdefault`-style, by name.
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Run when the process stops, before the engines are let go (accepted work
+    # that is still running ends visibly, not silently).
+    closing: list[Callable[[], Awaitable[Any]]] = dataclasses.field(default_factory=list)
+
+    async def close(self) -> None:
+        for hook in self.closing:
+            await hook()
+        await self.client.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,7 @@ class Incoming:
 
     body: Any  # the decoded body (the operation's `body` type), or None
     params: dict[str, str] = dataclasses.field(default_factory=dict)  # path parameters
+    owner: str | None = None  # who asks: the id of the API key used (None without keys)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ requests go where the router (engines/routing.py) sends them. An engine whose
 connection drops (its process died), that stops answering for `ENGINE_TIMEOUT_S`,
 or that answers as a new instance (it was restarted) fails all the requests it had
 in flight and leaves routing until it is ready again. What callers see of the
-engines is neutral: `EngineState`s, `ModelInfo`s, request streams.
+engines is neutral: `EngineSummary`s, `ModelInfo`s, request streams.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ from vllm_gateway.protocol.messages import (
     FailureKind,
     Generate,
     Hello,
+    LoadAdapter,
     ModelInfo,
     Outputs,
     RequestFailed,
     Tokens,
+    UnloadAdapter,
     decode_engine_message,
     encode,
 )
@@ -51,8 +53,18 @@ log = logging.getLogger("gateway.engines")
 
 HEARTBEAT_S = 0.5
 
+# A failed CURVE handshake: the engine's key is wrong, or it does not authorize ours.
+_HANDSHAKE_ERRORS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "CURVE handshake refused: the engine does not authorize this gateway's key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "CURVE handshake failed: a protocol error (a wrong engine key, or an engine "
+                                         "without CURVE)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake with the engine failed",
+}
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
-class EngineState(msgspec.Struct):
+
+class EngineSummary(msgspec.Struct):
     """One engine as a gateway sees it (/health lists them)."""
 
     endpoint: str
@@ -65,6 +77,7 @@ class EngineState(msgspec.Struct):
     kv_cache_usage: float
     in_flight: int  # this gateway's requests on the engine now
     routed: int  # this gateway's requests sent to the engine, ever
+    error: str | None = None  # why it cannot be reached (a failed security handshake)
 
 
 class EngineConnection:
@@ -77,7 +90,7 @@ class EngineConnection:
         self.sock.setsockopt(zmq.LINGER, 0)
         secure_client(self.sock)
         # Connection events: a dropped connection is how a dead engine shows first.
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self.sock.connect(endpoint)
         self.status: EngineStatus | None = None
         self.last_seen = 0.0
@@ -91,6 +104,8 @@ class EngineConnection:
         self.record = PrefixRecord()  # what its KV cache likely holds (routing)
         self.metrics: EngineMetrics | None = None  # the engine's latest report
         self.incompatible = ""  # the instance of an engine of another protocol version, logged once
+        self.replayed: set[str] = set()  # run-time adapters sent to this engine life
+        self.error: str | None = None  # why it cannot be reached (a failed CURVE handshake), until it answers
 
     @property
     def ready(self) -> bool:
@@ -127,6 +142,8 @@ class EngineClient:
         self.ctx = zmq.asyncio.Context()
         self.engines = [EngineConnection(ep, self.ctx, engine_timeout_s) for ep in endpoints]
         self.router = router or Router("prefix")
+        # LoRA adapters loaded at run time through this gateway: name -> (base model, path).
+        self.adapters: dict[str, tuple[str, str]] = {}
         # What each engine message does (one handler per message type).
         self._handlers: dict[type, Callable[[EngineConnection, Any], None]] = {
             Outputs: lambda engine, msg: self._dispatch(engine, msg.deltas),
@@ -179,16 +196,16 @@ class EngineClient:
         """Engine requests sent and not yet finished, over all engines."""
         return sum(len(e.streams) for e in self.engines)
 
-    def describe(self) -> list[EngineState]:
+    def describe(self) -> list[EngineSummary]:
         """Each engine's state, for /health."""
         out = []
         for e in self.engines:
             s = e.status
-            out.append(EngineState(
+            out.append(EngineSummary(
                 endpoint=e.endpoint, ready=e.ready, state=s.state if s else "unreachable",
                 engine_id=s.engine_id if s else None, pid=s.pid if s else None,
                 running=s.running if s else 0, waiting=s.waiting if s else 0,
-                kv_cache_usage=s.kv_cache_usage if s else 0.0, in_flight=len(e.streams), routed=e.routed,
+                kv_cache_usage=s.kv_cache_usage if s else 0.0, in_flight=len(e.streams), routed=e.routed, error=e.error,
             ))
         return out
 
@@ -240,13 +257,49 @@ class EngineClient:
             raise NoEngine()
         return await self._ask(engine, msg, timeout_s)
 
-    async def ask_all(self, make: Callable[[], OneAnswer], model: str, timeout_s: float = 120.0) -> list[Any]:
-        """The same request to every ready engine serving `model` (LoRA adapters
-        are loaded on each); their answers, or the first failure."""
-        engines = self._ready(model)
+    async def load_adapter(self, name: str, path: str, base: str, timeout_s: float = 120.0) -> str:
+        """Load a LoRA adapter on every ready engine of `base`, all or none: if
+        one refuses, it is unloaded from those that took it, and the refusal
+        raised. Kept, so that an engine that restarts or joins gets it again
+        before it is routed requests for it."""
+        engines = self._ready(base)
         if not engines:
             raise NoEngine()
-        return list(await asyncio.gather(*(self._ask(e, make(), timeout_s) for e in engines)))
+        results = await asyncio.gather(*(self._ask(e, LoadAdapter(_rid("lora"), name, path), timeout_s)
+                                         for e in engines), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            took = [e for e, r in zip(engines, results) if not isinstance(r, BaseException)]
+            await asyncio.gather(*(self._ask(e, UnloadAdapter(_rid("lora"), name), timeout_s) for e in took),
+                                 return_exceptions=True)
+            raise failures[0]
+        self.adapters[name] = (base, path)
+        return results[0].message
+
+    async def unload_adapter(self, name: str, timeout_s: float = 120.0) -> str:
+        """Unload a LoRA adapter from every ready engine serving it, and forget it."""
+        engines = self._ready(name)
+        if not engines:
+            raise NoEngine()
+        self.adapters.pop(name, None)
+        results = await asyncio.gather(*(self._ask(e, UnloadAdapter(_rid("lora"), name), timeout_s)
+                                         for e in engines), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        return results[0].message
+
+    def _replay_adapters(self, engine: "EngineConnection") -> None:
+        """Adapters loaded at run time that a ready engine of their base model
+        lacks (it restarted, or joined): loaded on it once per engine life."""
+        served = {m.name for m in engine.models()}
+        for name, (base, path) in self.adapters.items():
+            if base in served and name not in served and name not in engine.replayed:
+                engine.replayed.add(name)
+                log.info("loading LoRA adapter %s on engine at %s (it was loaded at run time)", name, engine.endpoint)
+                task = asyncio.ensure_future(self._ask(engine, LoadAdapter(_rid("lora"), name, path), 120.0))
+                task.add_done_callback(lambda t, n=name: t.cancelled() or t.exception() is None or log.error(
+                    "could not load LoRA adapter %s again on engine at %s: %s", n, engine.endpoint, t.exception()))
 
     async def _ask(self, engine: "EngineConnection", msg: OneAnswer, timeout_s: float) -> Any:
         try:
@@ -291,6 +344,9 @@ class EngineClient:
             except Exception as e:
                 log.warning("undecodable message from engine %s: %s", engine.endpoint, e)
                 continue
+            # Any message is a sign of life: a status waiting behind outputs in a busy
+            # gateway must not make a working engine look silent.
+            engine.last_seen = time.monotonic()
             handler = self._handlers.get(type(msg))
             if handler is not None:
                 handler(engine, msg)
@@ -313,11 +369,20 @@ class EngineClient:
 
     def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
         streams = engine.streams
+        orphans: list[str] | None = None
         for d in deltas:
             stream = streams.get(d.request_id)
             if stream is None or isinstance(stream, Reply):
-                continue  # aborted by us; late output
+                # Output for a request this gateway gave up on (its abort may have
+                # crossed it, or the engine was silent and its requests failed):
+                # stop it, rather than generate for a client that is gone.
+                if d.finish_reason is None:
+                    orphans = orphans or []
+                    orphans.append(d.request_id)
+                continue
             stream.push(d)
+        if orphans:
+            engine.send(Abort(list(dict.fromkeys(orphans))))
 
     def _on_status(self, engine: EngineConnection, status: EngineStatus) -> None:
         if status.protocol_version != PROTOCOL_VERSION:
@@ -332,6 +397,8 @@ class EngineClient:
         if previous is not None and previous.instance != status.instance:
             self._fail_all(engine, "the engine restarted; the request was lost")
             engine.record.clear()  # a new process: its KV cache is empty
+        if previous is None or previous.instance != status.instance:
+            engine.replayed = set()
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
             engine.record.resize(status.kv_cache_tokens)
         if status.state != "ready" and engine.streams:
@@ -339,8 +406,11 @@ class EngineClient:
         if previous is None or previous.state != status.state or previous.instance != status.instance:
             log.info("engine %s at %s is %s (model %s)", status.engine_id, engine.endpoint, status.state, status.model)
         engine.status = status
+        engine.error = None
         engine.last_seen = time.monotonic()
         engine.unreported = 0
+        if status.state == "ready" and self.adapters:
+            self._replay_adapters(engine)
 
     def _fail_all(self, engine: EngineConnection, why: str) -> None:
         streams, engine.streams = engine.streams, {}
@@ -350,6 +420,13 @@ class EngineClient:
     async def _monitor_loop(self, engine: EngineConnection) -> None:
         while True:
             event = parse_monitor_message(await engine.monitor.recv_multipart())
+            if event["event"] & HANDSHAKE_FAILED:
+                why = _HANDSHAKE_ERRORS.get(event["event"], "the security handshake failed")
+                if engine.error != why:
+                    log.error("engine at %s: %s (check ENGINE_CURVE_PUBLIC_KEY_FILE and that the engine "
+                              "authorizes this gateway's key)", engine.endpoint, why)
+                engine.error = why
+                continue
             if event["event"] == zmq.EVENT_DISCONNECTED and engine.status is not None:
                 log.error("lost the connection to engine %s at %s; failing its %d request(s)",
                           engine.status.engine_id, engine.endpoint, len(engine.streams))
@@ -358,14 +435,25 @@ class EngineClient:
 
     async def _heartbeat_loop(self) -> None:
         hello = Hello(self.gateway_id, PROTOCOL_VERSION)
+        due = time.monotonic()
         while True:
             now = time.monotonic()
+            # This loop's own lateness: with the gateway's CPU saturated, answers
+            # wait unread too, and an engine is not judged silent for that.
+            lag = max(0.0, now - due)
             for e in self.engines:
-                if e.status is not None and e.streams and now - e.last_seen > e.timeout_s:
+                if e.status is not None and e.streams and now - e.last_seen > e.timeout_s + lag:
                     log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint, len(e.streams))
+                    # Aborted too: should the engine come back, it stops them at once.
+                    e.send(Abort(list(e.streams)))
                     self._fail_all(e, "the engine stopped answering")
                 e.send(hello)
+            due = time.monotonic() + HEARTBEAT_S
             await asyncio.sleep(HEARTBEAT_S)
+
+
+def _rid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class NoEngine(Exception):

@@ -109,6 +109,11 @@ class RequestStream:
         """Output has arrived that was not read yet."""
         return bool(self._items)
 
+    @property
+    def unsent(self) -> int:
+        """Engine outputs arrived and not read yet."""
+        return len(self._items)
+
     def push(self, delta: Delta) -> None:
         if self.error is None:
             self._items.append(delta)

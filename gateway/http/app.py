@@ -25,13 +25,14 @@ from starlette.routing import Route
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.config import GatewaySettings
+from vllm_gateway.gateway.core.admission import Admission
 from vllm_gateway.gateway.core.calls import Call, CallRun, ClientGone
 from vllm_gateway.gateway.core.errors import APIError, decode_or_400
 from vllm_gateway.gateway.core.operations import JSON, Context, Incoming, Operation, Operations, Result
 from vllm_gateway.gateway.core.schema import json_decoder, json_encode
 from vllm_gateway.gateway.engines.client import EngineClient
-from vllm_gateway.gateway.http.auth import ApiKeyAuth
-from vllm_gateway.gateway.http.sse import SERVER_SEND, SSEResponse, disconnected
+from vllm_gateway.gateway.http.auth import KEY_ID, ApiKeyAuth
+from vllm_gateway.gateway.http.sse import SERVER_SEND, SSEResponse, StreamWatch, disconnected
 
 log = logging.getLogger("gateway.http")
 
@@ -43,7 +44,13 @@ def json_response(obj: object, status: int = 200) -> Response:
 def error_response(err: APIError, operation: Operation | None = None) -> Response:
     metrics.ERRORS.labels(err.type).inc()
     body = operation.errors_as.body(err) if operation is not None else err.body()
-    return Response(body, status_code=err.status, media_type=JSON)
+    return Response(body, status_code=err.status, media_type=JSON, headers=err.headers)
+
+
+def overloaded(cap: int) -> APIError:
+    return APIError(429, f"this server is at its limit of {cap} requests in flight (MAX_CONCURRENT_REQUESTS); "
+                         "retry shortly or on another replica", type="rate_limit_error", code="overloaded",
+                    headers={"Retry-After": "1"})
 
 
 class RequestMetrics:
@@ -79,25 +86,42 @@ class Endpoints:
     def __init__(self, settings: GatewaySettings, ctx: Context) -> None:
         self.settings = settings
         self.ctx = ctx
+        self.watch = StreamWatch(settings.stream_write_timeout_s, settings.stream_max_unsent)
 
     def endpoint(self, op: Operation):
         decode = json_decoder(op.body) if op.body is not None else None
 
+        admission = self.ctx.admission
+
         async def serve(request: Request) -> Response | SSEResponse:
+            admitted = False
             try:
-                if op.work and self.ctx.draining:
-                    raise APIError(503, "the server is shutting down; retry on another replica",
-                                   type="service_unavailable_error", code="shutting_down")
+                if op.work:
+                    if self.ctx.draining:
+                        raise APIError(503, "the server is shutting down; retry on another replica",
+                                       type="service_unavailable_error", code="shutting_down",
+                                       headers={"Retry-After": "1"})
+                    if not admission.try_enter():
+                        raise overloaded(admission.cap)
+                    admitted = True
                 body = decode_or_400(decode, await self._body(request)) if decode is not None else None
-                out = await self._until_disconnect(request, op.handler(self.ctx, Incoming(body, request.path_params)))
+                incoming = Incoming(body, request.path_params, request.scope.get(KEY_ID))
+                out = await self._until_disconnect(request, op.handler(self.ctx, incoming))
                 if isinstance(out, Call):
-                    return await self._run(request, out)
+                    answer = await self._run(request, out)
+                    if isinstance(answer, SSEResponse) and admitted:
+                        answer.on_close = admission.leave  # the stream holds the place until it ends
+                        admitted = False
+                    return answer
                 if isinstance(out, Result):
                     content = out.body if isinstance(out.body, (bytes, str)) else json_encode(out.body)
                     return Response(content, status_code=out.status, media_type=out.media_type)
                 return json_response(out)
             except APIError as e:
                 return error_response(e, op)
+            finally:
+                if admitted:
+                    admission.leave()
 
         return serve
 
@@ -137,7 +161,7 @@ class Endpoints:
         if not call.stream:
             # One disconnect watcher for the whole answer, not one per engine step.
             return json_response(await self._until_disconnect(request, run.collect()))
-        return SSEResponse(run)
+        return SSEResponse(run, self.watch)
 
     @staticmethod
     async def _until_disconnect(request: Request, awaitable) -> Any:
@@ -174,14 +198,16 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def build_app(settings: GatewaySettings, operations: Operations, client: EngineClient | None = None) -> Starlette:
     client = client or EngineClient(settings.engine_endpoints, engine_timeout_s=settings.engine_timeout_s,
                                     router=settings.routing.router())
-    ctx = Context(client, settings, operations)
+    ctx = Context(client, settings, operations, admission=Admission(settings.max_concurrent_requests))
     endpoints = Endpoints(settings, ctx)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await client.start()
+        endpoints.watch.start()
         yield
-        await client.close()
+        endpoints.watch.stop()
+        await ctx.close()
 
     app = GatewayApp(
         routes=[Route(op.path, endpoints.endpoint(op), methods=[op.method.upper()]) for op in operations],

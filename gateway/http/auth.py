@@ -5,11 +5,21 @@ and never logged. Health, readiness and metrics stay open unless configured."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.core.errors import OPENAI_ERRORS, APIError, ErrorShape
+
+# Where a request's key is named for what it owns (stored responses): a digest of
+# the key, never the key itself.
+KEY_ID = "vllm_gateway.key_id"
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:16]
+
 
 class ApiKeyAuth:
     def __init__(self, app, keys: Iterable[str], open_paths: Iterable[str] = (),
@@ -33,6 +43,7 @@ class ApiKeyAuth:
             elif name == b"x-api-key" and given is None:
                 given = value.strip()
         if given is not None and self._allowed(given):
+            scope[KEY_ID] = key_id(given)
             return await self.app(scope, receive, send)
         error = APIError(401, "Invalid API key" if given is not None else
                          "Missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",

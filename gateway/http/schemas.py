@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
-from vllm_gateway.gateway.engines.client import EngineState
+from vllm_gateway.gateway.engines.client import EngineSummary
 
 
 class Version(Struct):
@@ -15,4 +15,4 @@ class Version(Struct):
 
 class Health(Struct):
     status: str  # ok, unavailable, or draining
-    engines: list[EngineState]
+    engines: list[EngineSummary]

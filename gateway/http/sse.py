@@ -4,6 +4,8 @@ server's `send`, and the watch for a client that goes away."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.core.calls import CallRun, ClientGone
@@ -11,6 +13,8 @@ from vllm_gateway.gateway.core.errors import APIError
 
 # The ASGI server's own `send`, for the body of a stream (see `SSEResponse`).
 SERVER_SEND = "vllm_gateway.server_send"
+
+log = logging.getLogger("gateway.http")
 
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
@@ -28,8 +32,14 @@ class SSEResponse:
     end, and a second task for the client's disconnect (which ends the stream
     and frees the engine slots at once)."""
 
-    def __init__(self, run: CallRun) -> None:
+    __slots__ = ("run", "watch", "on_close", "blocked_since", "writer")
+
+    def __init__(self, run: CallRun, watch: "StreamWatch | None" = None) -> None:
         self.run = run
+        self.watch = watch
+        self.on_close = None  # called once the stream is over (its admission place is freed)
+        self.blocked_since: float | None = None  # a write waiting for the client to read, since
+        self.writer: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         run = self.run
@@ -37,10 +47,19 @@ class SSEResponse:
         gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
-            await asyncio.ensure_future(self._write(scope.get(SERVER_SEND, send)))
+            self.writer = asyncio.ensure_future(self._write(scope.get(SERVER_SEND, send)))
+            if self.watch is not None:
+                self.watch.streams.add(self)
+            await asyncio.wait([self.writer])
+            # Cancelled by the watch (a client that stopped reading): the response
+            # ends incomplete and the server closes the connection.
         finally:
+            if self.watch is not None:
+                self.watch.streams.discard(self)
             gone.cancel()
             run.close()  # done, failed or client gone: the engine slots are freed now
+            if self.on_close is not None:
+                self.on_close()
 
     async def _write(self, send) -> None:
         run = self.run
@@ -48,12 +67,15 @@ class SSEResponse:
         event = wire.event
         next_batch = run.next_batch
         batches = metrics.HTTP_BATCHES
+        clock = time.monotonic
         try:
             while (chunks := await next_batch()) is not None:
                 if chunks:
                     batches.value += 1
+                    self.blocked_since = clock()
                     await send({"type": "http.response.body", "body": b"".join([event(c) for c in chunks]),
                                 "more_body": True})
+                    self.blocked_since = None
             tail = wire.done
         except ClientGone:
             return
@@ -61,6 +83,55 @@ class SSEResponse:
             metrics.ERRORS.labels(e.type).inc()
             tail = wire.error(e) + wire.done
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+class StreamWatch:
+    """Ends streams whose client stopped reading: a write blocked for longer than
+    STREAM_WRITE_TIMEOUT_S, or output piling up unsent beyond STREAM_MAX_UNSENT
+    engine outputs while a write is blocked. Such a stream is cut (the
+    connection closes), its engine request aborted and its place freed. One
+    check a second over all streams, not a timer per write."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, write_timeout_s: float, max_unsent: int) -> None:
+        self.write_timeout_s = write_timeout_s
+        self.max_unsent = max_unsent
+        self.streams: set[SSEResponse] = set()
+        self.cut = 0  # streams ended so, since start
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None and (self.write_timeout_s > 0 or self.max_unsent > 0):
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL_S)
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        for s in list(self.streams):
+            since = s.blocked_since
+            if since is None or s.writer is None:
+                continue
+            unsent = s.run.rs.unsent
+            if 0 < self.write_timeout_s < now - since:
+                why = f"the client read nothing for {now - since:.0f} s (STREAM_WRITE_TIMEOUT_S)"
+            elif 0 < self.max_unsent < unsent:
+                why = f"{unsent} engine outputs waited unsent for the client (STREAM_MAX_UNSENT)"
+            else:
+                continue
+            log.warning("ending a stream: %s", why)
+            metrics.ERRORS.labels("client_too_slow").inc()
+            self.cut += 1
+            self.streams.discard(s)
+            s.writer.cancel()
 
 
 async def disconnected(receive) -> None:

@@ -1,18 +1,16 @@
 """LoRA adapters loaded and unloaded at run time (`POST /v1/load_lora_adapter`,
 `/v1/unload_lora_adapter`, as `vllm serve` names them): on every ready engine of
-the base model, and only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is set, as vLLM
-gates them."""
+the base model, all or none, and only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is
+set, as vLLM gates them (the engines enforce it too). The engine client keeps
+them, and loads them again on an engine that restarts."""
 
 from __future__ import annotations
 
-import uuid
-
-from vllm_gateway.gateway.engines.client import EngineClient, NoEngine
-from vllm_gateway.gateway.engines.streams import StreamFailed
 from vllm_gateway.gateway.core.calls import no_engine, target
 from vllm_gateway.gateway.core.errors import APIError, from_failure
+from vllm_gateway.gateway.engines.client import EngineClient, NoEngine
+from vllm_gateway.gateway.engines.streams import StreamFailed
 from vllm_gateway.gateway.openai.schemas import LoadLoraRequest, UnloadLoraRequest
-from vllm_gateway.protocol.messages import LoadAdapter, UnloadAdapter
 
 
 def _disabled() -> APIError:
@@ -25,13 +23,11 @@ async def load(client: EngineClient, req: LoadLoraRequest, allowed: bool) -> str
         raise _disabled()
     base = target(client, req.base_model_name).model
     try:
-        answers = await client.ask_all(lambda: LoadAdapter(f"lora-{uuid.uuid4().hex}", req.lora_name, req.lora_path),
-                                       base)
+        return await client.load_adapter(req.lora_name, req.lora_path, base)
     except NoEngine:
         raise no_engine() from None
     except StreamFailed as e:
         raise from_failure(e.failure, "lora_path") from None
-    return answers[0].message
 
 
 async def unload(client: EngineClient, req: UnloadLoraRequest, allowed: bool) -> str:
@@ -43,10 +39,8 @@ async def unload(client: EngineClient, req: UnloadLoraRequest, allowed: bool) ->
         raise APIError(404, f"The LoRA adapter '{req.lora_name}' cannot be found.", param="lora_name",
                        code="model_not_found")
     try:
-        answers = await client.ask_all(lambda: UnloadAdapter(f"lora-{uuid.uuid4().hex}", req.lora_name),
-                                       req.lora_name)
+        return await client.unload_adapter(req.lora_name)
     except NoEngine:
         raise no_engine() from None
     except StreamFailed as e:
         raise from_failure(e.failure, "lora_name") from None
-    return answers[0].message

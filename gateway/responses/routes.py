@@ -41,27 +41,29 @@ def store(ctx: Context) -> ResponseStore:
     if found is None:
         found = ctx.state["responses"] = ResponseStore(ctx.settings.responses_store_size,
                                                        ctx.settings.responses_store_ttl_s)
+        ctx.closing.append(lambda: serving.fail_running(found, "the gateway stopped before the response finished"))
     return found
 
 
 async def create(ctx: Context, r: Incoming) -> Call | Response:
     req: ResponsesRequest = r.body
-    prepared = serving.prepare(req, target(ctx.client, req.model).model, store(ctx))
+    prepared = serving.prepare(req, target(ctx.client, req.model).model, store(ctx), r.owner)
     if req.background:
-        return serving.start_background(ctx.client, prepared, store(ctx), ctx.settings.request_timeout_s)
+        return serving.start_background(ctx.client, prepared, store(ctx), ctx.settings.request_timeout_s, r.owner,
+                                        ctx.admission)
     return prepared.call
 
 
 async def get(ctx: Context, r: Incoming) -> Response:
-    return serving.fetch(store(ctx), r.params["response_id"])
+    return serving.fetch(store(ctx), r.params["response_id"], r.owner)
 
 
 async def delete(ctx: Context, r: Incoming) -> DeletedResponse:
-    return serving.delete(store(ctx), r.params["response_id"])
+    return serving.delete(store(ctx), r.params["response_id"], r.owner)
 
 
 async def cancel(ctx: Context, r: Incoming) -> Response:
-    return await serving.cancel(store(ctx), r.params["response_id"])
+    return await serving.cancel(store(ctx), r.params["response_id"], r.owner)
 
 
 OPERATIONS = (

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +32,7 @@ from vllm_gateway.gateway.config import RunPodSettings
 from vllm_gateway.gateway.core.calls import Call, CallRun
 from vllm_gateway.gateway.core.errors import APIError, decode_or_400
 from vllm_gateway.gateway.core.operations import Context, Incoming, Operations, Result
-from vllm_gateway.gateway.core.schema import from_dict
+from vllm_gateway.gateway.core.schema import from_dict, json_encode
 from vllm_gateway.gateway.engines.client import EngineClient
 from vllm_gateway.gateway.runpod.schemas import JobInput, job_input_from_dict, to_builtins
 from vllm_gateway.gateway.runpod.standard import JobFormatter, job_generate
@@ -72,24 +74,64 @@ class JobHandler:
         # The routes a job reaches by `openai_route` (POST, or GET for what has no POST).
         self.openai_routes = tuple(dict.fromkeys(op.path for op in operations if op.jobs and "{" not in op.path))
         self._ctx: Context | None = None
+        self._runs: set[CallRun] = set()  # the jobs' engine calls running now
+        self._background: set[asyncio.Future] = set()
 
     @property
     def client(self) -> EngineClient | None:
         return self._ctx.client if self._ctx is not None else None
 
     def concurrency(self, current: int) -> int:
-        return self.settings.max_concurrency
+        """The SDK asks before taking jobs: none while no engine is ready to serve
+        them (they would only wait or fail), MAX_CONCURRENCY otherwise."""
+        ctx = self._ensure_context()
+        return self.settings.max_concurrency if ctx.client.ready and not ctx.draining else 0
 
-    async def _context(self) -> Context:
-        # Made on the first job, in the event loop the SDK runs jobs in.
+    def _ensure_context(self) -> Context:
+        # Made in the event loop the SDK runs jobs in, at its first question.
         if self._ctx is None:
             s = self.settings
             client = EngineClient(s.engine_endpoints, engine_timeout_s=s.engine_timeout_s, router=s.routing.router())
-            await client.start()
             self._ctx = Context(client, s, self.operations)
-        if not self._ctx.client.ready:
-            await self._ctx.client.wait_ready(self.settings.engine_wait_s)
+            self._background.add(asyncio.ensure_future(client.start()))
+            self._watch_stop()
         return self._ctx
+
+    async def _context(self) -> Context:
+        ctx = self._ensure_context()
+        if not ctx.client.ready:
+            await ctx.client.wait_ready(self.settings.engine_wait_s)
+        return ctx
+
+    def _watch_stop(self) -> None:
+        """On SIGTERM the SDK stops taking jobs and waits for the running ones
+        for as long as they take; RunPod kills the worker after its grace period.
+        So the jobs still running after DRAIN_TIMEOUT_S end with an error result
+        the SDK posts, rather than being cut off silently."""
+        loop = asyncio.get_running_loop()
+        sdk_handler = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame) -> None:
+            if callable(sdk_handler):
+                sdk_handler(signum, frame)
+            loop.call_soon_threadsafe(lambda: self._background.add(loop.create_task(self._drain())))
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (a test calling the handler directly)
+            pass
+
+    async def _drain(self) -> None:
+        assert self._ctx is not None
+        self._ctx.draining = True
+        grace = self.settings.drain_timeout_s
+        log.info("stopping: %d job(s) running, up to %.0f s", len(self._runs), grace)
+        deadline = time.monotonic() + grace
+        while self._runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in list(self._runs):
+            run.rs.interrupt(APIError(503, f"the worker stopped before the job finished (DRAIN_TIMEOUT_S={grace:g})",
+                                      type="service_unavailable_error", code="shutting_down"))
 
     def _sizer(self, job: JobInput) -> BatchSizer:
         s = self.settings
@@ -149,11 +191,12 @@ class JobHandler:
 
     async def _run(self, client: EngineClient, call: Call) -> CallRun:
         run = CallRun(client, call, self.settings.request_timeout_s)
+        self._runs.add(run)
         # However the job's task ends (done, failed, cancelled by RunPod while the
         # SDK was posting a batch), the engine slots are freed with it.
         task = asyncio.current_task()
         if task is not None:
-            task.add_done_callback(lambda _: run.close())
+            task.add_done_callback(lambda _: (run.close(), self._runs.discard(run)))
         await run.start()
         return run
 
@@ -170,7 +213,12 @@ class JobHandler:
             ctx = await self._context()
             out = await op.handler(ctx, request)
             if not isinstance(out, Call):
-                yield to_builtins(out.body if isinstance(out, Result) else out)
+                value = to_builtins(out.body if isinstance(out, Result) else out)
+                if isinstance(value, dict) and value.get("error"):
+                    # The SDK reads a top-level "error" as the job's failure: a stored
+                    # response that failed, fetched successfully, goes out as its JSON text.
+                    value = json_encode(value).decode()
+                yield value
                 return
             async for batch in self._stream(ctx, out, job):
                 yield batch
