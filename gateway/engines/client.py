@@ -78,6 +78,7 @@ class EngineSummary(msgspec.Struct):
     in_flight: int  # this gateway's requests on the engine now
     routed: int  # this gateway's requests sent to the engine, ever
     error: str | None = None  # why it cannot be reached (a failed security handshake)
+    models: list[str] = []  # what it serves: its model and LoRA adapters
 
 
 class EngineConnection:
@@ -206,6 +207,7 @@ class EngineClient:
                 engine_id=s.engine_id if s else None, pid=s.pid if s else None,
                 running=s.running if s else 0, waiting=s.waiting if s else 0,
                 kv_cache_usage=s.kv_cache_usage if s else 0.0, in_flight=len(e.streams), routed=e.routed, error=e.error,
+                models=[m.name for m in e.models()],
             ))
         return out
 

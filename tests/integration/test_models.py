@@ -14,33 +14,11 @@ import httpx
 import openai
 import pytest
 
-from support import ENGINE_START_TIMEOUT_S, MODEL, Proc, child_env, free_port, wait_healthy
+from support import ENGINE_START_TIMEOUT_S, MODEL, Proc, child_env, free_port, make_adapter, wait_healthy
 
 EMBEDDER = "all-MiniLM-L6-v2"
 KEY = "box-key"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def make_adapter(folder, seed: int) -> str:
-    """A LoRA adapter for the embedded model, with non-zero weights (peft's
-    default starts B at zero, which would change nothing)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from vllm_gateway.engine.default_model import ensure
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(ensure(None), dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                        init_lora_weights=False)
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
