@@ -9,7 +9,7 @@ import openai
 import psutil
 import pytest
 
-from support import MODEL, Proc, child_env, engine_running, free_port, wait_healthy, wait_idle
+from support import MODEL, Proc, child_env, engine_running, engine_socket, free_port, wait_healthy, wait_idle
 
 
 def test_client_disconnect_mid_stream_frees_engine(gateway_url, engine_endpoint):
@@ -128,17 +128,12 @@ def _named(p: psutil.Process, prefix: str) -> bool:
 
 def test_engine_refuses_the_requests_of_a_gateway_of_another_version(engine_endpoint):
     import msgspec
-    import zmq
 
     from vllm_gateway.protocol.messages import PROTOCOL_VERSION, EngineStatus, Generate, Outputs, SamplingParams, TextPrompt
     from vllm_gateway.protocol.messages import decode_engine_message, encode
 
     endpoint, _ = engine_endpoint
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
+    with engine_socket(endpoint) as sock:
         sock.send(msgspec.msgpack.encode(["hello", "a-version-1-gateway"]))  # no version field: version 1
         assert sock.poll(5000)
         status = decode_engine_message(sock.recv())
@@ -150,9 +145,6 @@ def test_engine_refuses_the_requests_of_a_gateway_of_another_version(engine_endp
                 msg = decode_engine_message(sock.recv())
                 assert not isinstance(msg, Outputs), msg  # refused: nothing generated for it
         assert engine_running(endpoint) == 0
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def test_engine_refuses_a_value_vllm_refuses(run_dir):

@@ -13,7 +13,6 @@ import time
 import httpx
 import psutil
 import pytest
-import zmq
 
 from support import (
     ENGINE_START_TIMEOUT_S,
@@ -21,6 +20,7 @@ from support import (
     Proc,
     Stream,
     child_env,
+    engine_socket,
     free_port,
     health,
     make_adapter,
@@ -58,11 +58,7 @@ def test_the_engine_itself_refuses_run_time_adapters_when_not_allowed(engine_end
     """A peer that reaches the engine's socket directly, past the gateway, is held
     to VLLM_ALLOW_RUNTIME_LORA_UPDATING too (the shared engine runs without it)."""
     endpoint, _ = engine_endpoint
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
+    with engine_socket(endpoint) as sock:
         sock.send(encode(LoadAdapter("direct-1", "sneaky", "/tmp")))
         deadline = time.monotonic() + 10
         answer = None
@@ -71,11 +67,8 @@ def test_the_engine_itself_refuses_run_time_adapters_when_not_allowed(engine_end
                 msg = decode_engine_message(sock.recv())
                 if isinstance(msg, RequestFailed) and msg.request_id == "direct-1":
                     answer = msg
-        assert answer is not None and answer.kind == FailureKind.NOT_FOUND
-        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in answer.message
-    finally:
-        sock.close()
-        ctx.term()
+    assert answer is not None and answer.kind == FailureKind.NOT_FOUND
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in answer.message
 
 
 # ------------------------------------------------------------ a box of two engines

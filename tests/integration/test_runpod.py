@@ -482,3 +482,46 @@ def test_engine_death_fails_the_job_and_the_worker_recovers(run_dir):
         code = proc.stop(signal.SIGTERM, timeout=60)
         q.close()
     assert code == 0, proc.tail()
+
+
+# ------------------------------------------------------------ accepted work
+
+
+def test_a_failed_background_response_fetched_by_a_job_is_no_failed_job(queue, worker):
+    """A background response whose submission fails (a number msgpack cannot carry,
+    inside `tools`) ends `failed` with an error object; a job that fetches it
+    succeeds, with the response as its output."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer", "maximum": 2**70}}}}
+    _, result = run(queue, worker, {"route": "/v1/responses", "body": {
+        "model": MODEL, "input": "Hi", "background": True, "store": True, "tools": [tool], "max_output_tokens": 4}})
+    queued = result["output"][0]
+    assert queued["status"] == "queued"
+    deadline = time.monotonic() + 30
+    while True:
+        _, result = run(queue, worker, {"route": f"/v1/responses/{queued['id']}", "method": "GET"})
+        assert "error" not in result, result  # the job itself succeeded
+        fetched = result["output"][0]
+        fetched = json.loads(fetched) if isinstance(fetched, str) else fetched
+        if fetched["status"] != "in_progress" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert fetched["status"] == "failed" and fetched["error"]["message"], fetched
+
+
+def test_sigterm_fails_the_jobs_still_running_after_the_drain(engine_endpoint, run_dir, gateway_url):
+    endpoint, _ = engine_endpoint
+    q = JobQueue()
+    proc = start_worker("runpod-worker-drain", q, endpoint, run_dir, DRAIN_TIMEOUT_S="2")
+    try:
+        job_id = q.submit({"prompt": "Tell me a long story:", "stream": True,
+                           "sampling_params": {"max_tokens": 1500, "ignore_eos": True}})
+        q.wait_stream(job_id, 1, timeout=120)  # under way
+        proc.popen.send_signal(signal.SIGTERM)
+        result = q.wait_done(job_id, timeout=30)
+        assert "error" in result and "DRAIN_TIMEOUT_S" in result["error"], result
+        assert proc.popen.wait(60) == 0, proc.tail()
+    finally:
+        proc.stop()
+        q.close()
+    assert wait_idle(endpoint, 10)

@@ -5,6 +5,7 @@ file imports another."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -106,21 +107,28 @@ def wait_healthy(url: str, procs: list[Proc], timeout: float) -> None:
     raise RuntimeError(f"not healthy after {timeout} s:\n" + "\n".join(p.tail() for p in procs))
 
 
-def engine_running(endpoint: str) -> int:
-    """Ask the engine itself (over the protocol) how many requests it runs."""
+@contextlib.contextmanager
+def engine_socket(endpoint: str):
+    """A DEALER connected to an engine, as a gateway's (closed after)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def engine_running(endpoint: str) -> int:
+    """Ask the engine itself (over the protocol) how many requests it runs."""
+    with engine_socket(endpoint) as sock:
         sock.send(encode(Hello("test-probe", PROTOCOL_VERSION)))
         assert sock.poll(5000), "engine did not answer"
         msg = decode_engine_message(sock.recv())
         assert isinstance(msg, EngineStatus)
         return msg.running + msg.waiting
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def wait_idle(endpoint: str, timeout: float = 10) -> bool:

@@ -94,27 +94,38 @@ def test_beyond_the_cap_a_fast_429_in_the_routes_shape(synthetic):
 # --------------------------------------------------------------- slow clients
 
 
+def never_reading(url: str) -> socket.socket:
+    """A client that asks for an endless stream and reads nothing of it, with a
+    small receive window so that the server's writes block soon."""
+    body = json.dumps({"model": "synthetic", "prompt": "x", "max_tokens": 10_000_000, "stream": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def run_until_cut(url: str, timeout: float = 60) -> None:
+    """The stream starts, then ends (the gateway cut it) within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while in_flight(url) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_flight(url) == 1, "the stream did not start"
+    while in_flight(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert in_flight(url) == 0, "the stream of a client that reads nothing still runs"
+
+
 @pytest.mark.parametrize("synthetic", [{"STREAM_WRITE_TIMEOUT_S": "2", "STREAM_MAX_UNSENT": "0",
                                                 "TOKENS_PER_STEP": "1000"}], indirect=True)
 def test_a_client_that_stops_reading_is_cut_and_its_engine_request_aborted(synthetic):
     url, gateway = synthetic
-    port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"model": "synthetic", "prompt": "x", "max_tokens": 10_000_000, "stream": True}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes block soon
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = never_reading(url)
     try:
-        deadline = time.monotonic() + 60
-        while in_flight(url) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert in_flight(url) == 1
         # never read: within the write timeout (plus the time to fill the buffers), the
         # stream is ended and the engine request aborted
-        while in_flight(url) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert in_flight(url) == 0, "the stream of a client that reads nothing still runs"
+        run_until_cut(url)
         assert "ending a stream: the client read nothing" in gateway.tail(200)
         # the connection is closed: reading drains what was sent, then ends
         sock.settimeout(10)
@@ -128,20 +139,9 @@ def test_a_client_that_stops_reading_is_cut_and_its_engine_request_aborted(synth
                                                 "TOKENS_PER_STEP": "1000"}], indirect=True)
 def test_output_piling_up_unsent_is_capped(synthetic):
     url, gateway = synthetic
-    port = int(url.rsplit(":", 1)[1])
-    body = json.dumps({"model": "synthetic", "prompt": "x", "max_tokens": 10_000_000, "stream": True}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = never_reading(url)
     try:
-        deadline = time.monotonic() + 60
-        while in_flight(url) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while in_flight(url) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert in_flight(url) == 0
+        run_until_cut(url)
         assert "engine outputs waited unsent for the client (STREAM_MAX_UNSENT)" in gateway.tail(200)
     finally:
         sock.close()
