@@ -27,6 +27,7 @@ class Server(Protocol):
 
     llm: Any  # vLLM's AsyncLLM
     running: dict[str, "Running"]
+    progress: int  # outputs vLLM has handed over, ever
 
     def queue_delta(self, ident: bytes, delta: Delta) -> None: ...
 
@@ -69,6 +70,7 @@ class Running:
         Runs inside vLLM's output handler: it must not raise."""
         if self.ended:
             return  # aborted by the gateway: vLLM's final "abort" output is not sent
+        self.server.progress += 1  # vLLM is making progress (the stall watch reads it)
         try:
             if isinstance(out, BaseException):
                 raise out

@@ -155,7 +155,9 @@ class EngineServer:
         self.stats: dict[str, RequestStats] = {}
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
-        self.last_progress = time.monotonic()  # vLLM's last output (or when it had nothing to do)
+        self.progress = 0  # outputs vLLM has handed over, ever
+        self._progress_seen = 0
+        self.last_progress = time.monotonic()  # when vLLM last handed one over (or had nothing to do)
         self.stalled = False
         self._stopping = asyncio.Event()
         # What each gateway message does (one handler per message type).
@@ -346,7 +348,8 @@ class EngineServer:
             if self.llm is not None and self.llm.errored:
                 log.error("vLLM engine core died: %s", self.llm.dead_error)
                 self._stopping.set()
-            if not self.running:
+            if not self.running or self.progress != self._progress_seen:
+                self._progress_seen = self.progress
                 self.last_progress = now  # idle time is no stall
             elif 0 < self.config.stall_timeout_s < now - self.last_progress and not self.stalled:
                 self._stall(now - self.last_progress)
@@ -404,7 +407,6 @@ class EngineServer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self.last_progress = time.monotonic()
         pending, self._pending = self._pending, {}
         for ident, deltas in pending.items():
             self._send(ident, Outputs(deltas))
