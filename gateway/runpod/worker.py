@@ -82,10 +82,16 @@ class JobHandler:
         return self._ctx.client if self._ctx is not None else None
 
     def concurrency(self, current: int) -> int:
-        """The SDK asks before taking jobs: none while no engine is ready to serve
-        them (they would only wait or fail), MAX_CONCURRENCY otherwise."""
+        # Constant: the SDK (1.10) resizes its job queue only once it is empty, and
+        # runs no queued job at concurrency 0, so a changing figure can deadlock
+        # it. Whether jobs are taken at all is `ready_for_jobs`' to say.
+        return self.settings.max_concurrency
+
+    def ready_for_jobs(self) -> bool:
+        """Take jobs only while an engine is ready to serve them (they would only
+        wait or fail otherwise) and the worker is not stopping."""
         ctx = self._ensure_context()
-        return self.settings.max_concurrency if ctx.client.ready and not ctx.draining else 0
+        return ctx.client.ready and not ctx.draining
 
     def _ensure_context(self) -> Context:
         # Made in the event loop the SDK runs jobs in, at its first question.
@@ -295,7 +301,22 @@ def run(settings: RunPodSettings, operations: Operations, argv: list[str]) -> No
 
     import runpod
 
+    from runpod.serverless.modules import rp_scale
+
     handler = JobHandler(settings, operations)
+    take = rp_scale.get_job
+
+    async def take_when_ready(session, num_jobs: int):
+        # The SDK's job fetch, asked only while an engine can serve the jobs. The SDK
+        # offers no hook for it outside its local test mode, so its module's fetch
+        # function is wrapped before the SDK's job scaler picks it up (runpod is
+        # pinned; tests/integration/test_runpod.py covers it).
+        if not handler.ready_for_jobs():
+            await asyncio.sleep(0.5)
+            return None
+        return await take(session, num_jobs)
+
+    rp_scale.get_job = take_when_ready
     metrics.watch_engines(lambda: handler.client)
     if settings.metrics_port:
         metrics.serve_metrics(settings.metrics_port, settings.metrics_host)

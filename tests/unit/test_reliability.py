@@ -307,17 +307,21 @@ def test_runpod_takes_no_jobs_without_a_ready_engine(tmp_path):
     async def scenario() -> list[int]:
         handler = JobHandler(RunPodSettings(engine_endpoints=[f"ipc://{tmp_path}/nobody"], max_concurrency=7),
                              operations())
-        seen = [handler.concurrency(1)]  # no engine has answered yet
+        seen = [handler.ready_for_jobs()]  # no engine has answered yet
         client = handler._ctx.client
         engine = client.engines[0]
         client._on_status(engine, EngineStatus("0", "i1", "ready", "m", 64, protocol_version=PROTOCOL_VERSION))
-        seen.append(handler.concurrency(0))
+        seen.append(handler.ready_for_jobs())
         client._on_status(engine, EngineStatus("0", "i1", "loading", "m", 64, protocol_version=PROTOCOL_VERSION))
-        seen.append(handler.concurrency(7))
+        seen.append(handler.ready_for_jobs())
+        handler._ctx.draining = True
+        client._on_status(engine, EngineStatus("0", "i1", "ready", "m", 64, protocol_version=PROTOCOL_VERSION))
+        seen.append(handler.ready_for_jobs())
+        assert handler.concurrency(1) == 7
         await handler._ctx.close()
         return seen
 
-    assert asyncio.run(scenario()) == [0, 7, 0]
+    assert asyncio.run(scenario()) == [False, True, False, False]
 
 
 # ----------------------------------------------------- engines beyond this host
