@@ -1,21 +1,15 @@
 """Units of the gateway, no vLLM: formatting, routing, restart detection, restart
-backoff; and failover between engines, with the synthetic engine (it speaks the
-real protocol) in separate processes."""
+backoff. (Failover between engine processes: integration/test_gateway_alone.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
-import threading
-import time
 
-import httpx
 import pytest
 
-from support import ROOT, Proc, child_env, free_port, wait_healthy
 from vllm_gateway.gateway.core.schema import json_encode
 from vllm_gateway.gateway.engines.client import EngineClient, NoEngine
 from vllm_gateway.gateway.engines.streams import StreamFailed
@@ -213,59 +207,3 @@ def test_an_engine_that_dies_before_it_was_ever_ready_is_a_start_failure(engine_
         assert failed.value.exit_code == command_code
     finally:
         engines.stop()
-
-
-# ------------------------------------------------- failover, synthetic engines
-
-
-def test_failover_between_two_synthetic_engines(run_dir):
-    """Two protocol-speaking engines; one killed mid-stream: its streams fail with
-    engine_unavailable within a second, the other's finish whole, and new requests
-    go to the survivor."""
-    endpoints = [f"ipc://{run_dir}/synthetic-{i}" for i in range(2)]
-    engines = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "synthetic_engine.py"),
-                                 "--endpoint", ep, "--step-ms", "20"], env=child_env()) for ep in endpoints]
-    port = free_port()
-    gateway = Proc("synthetic-gateway", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints",
-                                         ",".join(endpoints)], child_env(), run_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [gateway], 60)
-        while not all(e["ready"] for e in httpx.get(url + "/health").json()["engines"]):
-            time.sleep(0.05)
-        results: list[tuple[str, str, float]] = []  # (outcome, text, when)
-
-        def stream() -> None:
-            text = []
-            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                    "model": "synthetic", "prompt": "x", "max_tokens": 200, "stream": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            results.append((event["error"]["type"], "".join(text), time.monotonic()))
-                            return
-                        text.append(event["choices"][0]["text"])
-            results.append(("ok", "".join(text), time.monotonic()))
-
-        threads = [threading.Thread(target=stream) for _ in range(6)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # every stream under way (200 tokens take 4 s)
-        in_flight = [e["in_flight"] for e in httpx.get(url + "/health").json()["engines"]]
-        assert in_flight == [3, 3], in_flight
-        killed = time.monotonic()
-        engines[0].send_signal(signal.SIGKILL)
-        for t in threads:
-            t.join(30)
-        failed = [r for r in results if r[0] != "ok"]
-        ok = [r for r in results if r[0] == "ok"]
-        assert len(failed) == 3 and all(r[0] == "engine_unavailable" and r[2] - killed < 1.0 for r in failed), failed
-        assert len(ok) == 3 and all(r[1] == ("0123456789" * 20) for r in ok)
-        r = httpx.post(url + "/v1/completions", json={"model": "synthetic", "prompt": "x", "max_tokens": 5}, timeout=30)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "01234"
-    finally:
-        gateway.stop()
-        for e in engines:
-            e.kill()
-            e.wait()
