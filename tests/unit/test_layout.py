@@ -136,3 +136,16 @@ def test_one_distinct_import_name():
     for folder in (*PACKAGES, "tests", "benchmarks", "deploy"):
         for path in (ROOT / folder).rglob("*.py"):
             assert not bare.search(path.read_text()), path
+
+
+def test_tests_are_laid_out_for_a_newcomer():
+    """Unit tests apart from integration tests, helpers in tests/support/, no test
+    file importing another, and no two test files of one name (pytest imports them
+    by their basename)."""
+    tests = ROOT / "tests"
+    files = sorted(tests.rglob("test_*.py"))
+    assert {p.parent.name for p in files} == {"unit", "integration"}
+    names = [p.name for p in files]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    imports_a_test = re.compile(r"^\s*(from|import) test_\w+", re.M)
+    assert not [p for p in files if imports_a_test.search(p.read_text())]
