@@ -319,7 +319,10 @@ def main() -> None:
         gateway = psutil.Process(procs[-1].pid)
     else:
         a.model = "SmolLM2-135M-Instruct"
-        env.update(DTYPE="float32", ENFORCE_EAGER="1", MAX_NUM_SEQS=str(max(a.streams, 256)))
+        # Overload: the engine runs half of what the gateway admits, the rest waits in
+        # vLLM's queue, as on a box whose cap is set to keep the engines full.
+        seqs = max(1, a.max_concurrent // 2) if a.overload else max(a.streams, 256)
+        env.update(DTYPE="float32", ENFORCE_EAGER="1", MAX_NUM_SEQS=str(seqs))
         procs.append(subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], env=env, cwd=ROOT))
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", procs[-1], 900)
