@@ -193,10 +193,12 @@ async def overload(port: int, a, gateway: psutil.Process) -> dict:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # 1. what the box serves: as many closed-loop clients as it admits
         probe = Tally()
-        stop_at = time.monotonic() + a.probe_s
+        probe_started = time.monotonic()
+        stop_at = probe_started + a.probe_s
         await asyncio.gather(*(client(session, url, body, a.output_len, real, probe, stop_at)
                                for _ in range(a.max_concurrent)))
-        capacity = probe.answers / a.probe_s
+        # over the whole probe, the answers finishing after `stop_at` included
+        capacity = probe.answers / (time.monotonic() - probe_started)
         rate = capacity * a.overload
         print(f"serves {capacity:.2f} answers/s; offering {rate:.2f}/s for {a.duration:.0f} s", file=sys.stderr)
         # 2. open loop at `overload` times that
