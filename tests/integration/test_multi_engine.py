@@ -96,18 +96,32 @@ def test_kill_one_engine_mid_stream(two_engines):
     engines = h["engines"]
     assert all(e["in_flight"] >= 1 for e in engines), engines  # spread over both
     victim, survivor = engines
-    leftovers = psutil.Process(victim["pid"]).children(recursive=True)  # vLLM's engine core and workers
+    victim_process = psutil.Process(victim["pid"])
+    leftovers = victim_process.children(recursive=True)  # vLLM's engine core and workers
     assert leftovers
-    killed_at = time.monotonic()
+    gone_at: list[float] = []  # when the kernel has torn the killed process down
+
+    def watch_teardown() -> None:
+        try:
+            while victim_process.is_running() and victim_process.status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.01)
+        except psutil.NoSuchProcess:
+            pass
+        gone_at.append(time.monotonic())
+
     os.kill(victim["pid"], signal.SIGKILL)
+    threading.Thread(target=watch_teardown, daemon=True).start()
 
     # The victim's streams end with an error event and [DONE] as soon as the kernel
-    # has torn the killed process down. Here two busy CPU engines share two cores,
-    # and that teardown shares the victim's core with its vLLM processes (the reaper
-    # kills them only once the engine is gone): up to 1.3 s was seen. The one-second
-    # bound is tests/test_engine_death.py's, on a machine not saturated.
-    wait_until(lambda: sum(s.failed for s in streams) >= victim["in_flight"], 15, "the victim's streams to fail", proc)
-    assert all(s.error_at - killed_at < 3.0 for s in streams if s.failed), [s.error_at - killed_at for s in streams if s.failed]
+    # has torn the killed process down (its socket closes), or ENGINE_TIMEOUT_S after
+    # its last word, whichever comes first. Here two busy CPU engines share two
+    # cores: the teardown took up to 1.3 s, and once, in this VM, 22 s (the heartbeat
+    # timeout then failed the streams first). The one-second bound from the kill is
+    # tests/integration/test_engine_death.py's, on a machine not saturated.
+    wait_until(lambda: sum(s.failed for s in streams) >= victim["in_flight"], 60, "the victim's streams to fail", proc)
+    wait_until(lambda: gone_at, 60, "the killed engine's teardown", proc)
+    late = [s.error_at - gone_at[0] for s in streams if s.failed]
+    assert all(t < 2.0 for t in late), late
     for s in streams:
         if s.failed:
             err = next(e for e in s.events if isinstance(e, dict) and "error" in e)["error"]
