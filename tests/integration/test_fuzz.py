@@ -6,7 +6,7 @@ breaks the schema is refused. Afterwards the server is still healthy.
 
 Bounded by time (`FUZZ_SECONDS`, default 120) and count (`FUZZ_EXAMPLES` per
 generation mode, default 2000). By hand, for the README's figure:
-`FUZZ_SECONDS=3600 FUZZ_EXAMPLES=6000 .venv/bin/python -m pytest -s tests/test_fuzz.py`.
+`FUZZ_SECONDS=3600 FUZZ_EXAMPLES=6000 .venv/bin/python -m pytest -s tests/integration/test_fuzz.py`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "120"))
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 # Generation cost only: a valid request may ask for up to the whole context on
 # 128 choices, which a CPU answers in minutes. Larger values are exercised by the
-# negative cases and by tests/test_hostile_bodies.py.
+# negative cases and by tests/integration/test_hostile_bodies.py.
 CAPS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "min_tokens": 4, "n": 2, "best_of": 2}
 
 

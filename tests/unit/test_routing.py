@@ -1,6 +1,6 @@
 """Routing decisions (gateway/engines/routing.py) on stand-in engines: a prefix
 stays on its engine, tenants spread by load, a hot prefix spills over, records
-are cut to the engine's KV capacity. tests/test_multi_engine.py checks the same
+are cut to the engine's KV capacity. tests/integration/test_multi_engine.py checks the same
 decisions, and vLLM's prefix cache hits, with two real engines."""
 
 from __future__ import annotations
