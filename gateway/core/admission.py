@@ -7,16 +7,14 @@ from __future__ import annotations
 
 
 class Admission:
-    __slots__ = ("cap", "in_flight", "shed")
+    __slots__ = ("cap", "in_flight")
 
     def __init__(self, cap: int = 0) -> None:
         self.cap = cap  # 0: no cap
         self.in_flight = 0
-        self.shed = 0  # refused since start
 
     def try_enter(self) -> bool:
         if self.cap and self.in_flight >= self.cap:
-            self.shed += 1
             return False
         self.in_flight += 1
         return True

@@ -47,7 +47,6 @@ class Formatter(Protocol):
         """The whole answer, once every delta was added."""
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Wire:
     """How an API streams: one server-sent event per object, what ends a stream,
@@ -119,6 +118,10 @@ def target(client: EngineClient, requested: str | None, task: str | None = "gene
     return Target(found.name, found.max_model_len or (status.max_model_len if status else 0), found.task)
 
 
+def out_of_range(e: Unencodable, param: str) -> APIError:
+    return APIError(400, f"the request holds a value out of range ({e})", param=param)
+
+
 async def ask(client: EngineClient, msg: OneAnswer, param: str, model: str | None = None,
               timeout_s: float = 30.0) -> Any:
     """One answer from an engine serving `model`; its failure as the client's error."""
@@ -127,7 +130,7 @@ async def ask(client: EngineClient, msg: OneAnswer, param: str, model: str | Non
     except NoEngine:
         raise no_engine() from None
     except Unencodable as e:
-        raise APIError(400, f"the request holds a value out of range ({e})", param=param) from None
+        raise out_of_range(e, param) from None
     except StreamFailed as e:
         raise from_failure(e.failure, param) from None
 
@@ -138,7 +141,7 @@ def submit(client: EngineClient, call: Call) -> RequestStream:
     except NoEngine:
         raise no_engine() from None
     except Unencodable as e:
-        raise APIError(400, f"the request holds a value out of range ({e})", param=call.prompt_param) from None
+        raise out_of_range(e, call.prompt_param) from None
 
 
 class ClientGone(Exception):

@@ -267,13 +267,11 @@ class EngineClient:
         engines = self._ready(base)
         if not engines:
             raise NoEngine()
-        results = await asyncio.gather(*(self._ask(e, LoadAdapter(_rid("lora"), name, path), timeout_s)
-                                         for e in engines), return_exceptions=True)
+        results = await self._ask_each(engines, lambda: LoadAdapter(_rid("lora"), name, path), timeout_s)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             took = [e for e, r in zip(engines, results) if not isinstance(r, BaseException)]
-            await asyncio.gather(*(self._ask(e, UnloadAdapter(_rid("lora"), name), timeout_s) for e in took),
-                                 return_exceptions=True)
+            await self._ask_each(took, lambda: UnloadAdapter(_rid("lora"), name), timeout_s)
             raise failures[0]
         self.adapters[name] = (base, path)
         return results[0].message
@@ -284,12 +282,16 @@ class EngineClient:
         if not engines:
             raise NoEngine()
         self.adapters.pop(name, None)
-        results = await asyncio.gather(*(self._ask(e, UnloadAdapter(_rid("lora"), name), timeout_s)
-                                         for e in engines), return_exceptions=True)
+        results = await self._ask_each(engines, lambda: UnloadAdapter(_rid("lora"), name), timeout_s)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
         return results[0].message
+
+    async def _ask_each(self, engines: list["EngineConnection"], make: Callable[[], OneAnswer],
+                        timeout_s: float) -> list[Any]:
+        """The same request (a new id each) to each engine: answers, or the exceptions."""
+        return await asyncio.gather(*(self._ask(e, make(), timeout_s) for e in engines), return_exceptions=True)
 
     def _replay_adapters(self, engine: "EngineConnection") -> None:
         """Adapters loaded at run time that a ready engine of their base model

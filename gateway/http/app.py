@@ -90,7 +90,6 @@ class Endpoints:
 
     def endpoint(self, op: Operation):
         decode = json_decoder(op.body) if op.body is not None else None
-
         admission = self.ctx.admission
 
         async def serve(request: Request) -> Response | SSEResponse:

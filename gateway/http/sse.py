@@ -98,7 +98,6 @@ class StreamWatch:
         self.write_timeout_s = write_timeout_s
         self.max_unsent = max_unsent
         self.streams: set[SSEResponse] = set()
-        self.cut = 0  # streams ended so, since start
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -129,7 +128,6 @@ class StreamWatch:
                 continue
             log.warning("ending a stream: %s", why)
             metrics.ERRORS.labels("client_too_slow").inc()
-            self.cut += 1
             self.streams.discard(s)
             s.writer.cancel()
 
