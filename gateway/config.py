@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 
 from vllm_gateway.gateway.engines.routing import POLICIES, Balance, Router
@@ -32,6 +34,96 @@ def _env(env: Mapping[str, str], name: str, default, parse=str):
         return parse(raw)
     except ValueError as e:
         raise ValueError(f"{name}={raw!r}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSettings:
+    """Where stored Responses API answers live (RESPONSES_STORE) and their bounds.
+
+    `kind` is `sqlite` (a file, the default: conversations survive a restart),
+    `memory` (this process only) or `redis` (shared by every gateway pointed at it)."""
+
+    kind: str = "sqlite"
+    location: str = ""  # the SQLite file, or the Redis URL (it may hold a password: never logged)
+    max_bytes: int = 1 << 30  # RESPONSES_STORE_MAX_BYTES
+    max_count: int = 100_000  # RESPONSES_STORE_SIZE
+    ttl_s: float = 30 * 24 * 3600  # RESPONSES_STORE_TTL_S: OpenAI keeps them 30 days
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "StoreSettings":
+        kind, location = parse_store(env.get("RESPONSES_STORE", ""), env)
+        s = cls(kind, location, _env(env, "RESPONSES_STORE_MAX_BYTES", cls.max_bytes, _byte_size),
+                _env(env, "RESPONSES_STORE_SIZE", cls.max_count, int),
+                _env(env, "RESPONSES_STORE_TTL_S", cls.ttl_s, float))
+        if s.max_bytes < 4096 or s.max_count < 1 or s.ttl_s <= 0:
+            raise ValueError("RESPONSES_STORE_MAX_BYTES must be at least 4096, RESPONSES_STORE_SIZE at least 1 "
+                             "and RESPONSES_STORE_TTL_S above 0")
+        return s
+
+    @property
+    def max_item_bytes(self) -> int:
+        """The most one stored response (its conversation, output and events) may
+        take: a quarter of the store, so one conversation never crowds out the rest."""
+        return self.max_bytes // 4
+
+    def describe(self) -> str:
+        """For the log: where, without any password."""
+        if self.kind == "redis":
+            u = urllib.parse.urlsplit(self.location)
+            return f"redis at {u.hostname}:{u.port or 6379}{u.path or '/0'}"
+        return "this process's memory" if self.kind == "memory" else f"SQLite file {self.location}"
+
+
+def _byte_size(raw: str) -> int:
+    """A byte count: 1048576, 512MiB, 1GiB, 64MB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B?)?\s*", raw, re.IGNORECASE)
+    if m is None:
+        raise ValueError("a byte count such as 1073741824, 512MiB or 1GiB")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(m.group(1)) * scale
+
+
+def default_store_path(env: Mapping[str, str]) -> str:
+    """The SQLite file when RESPONSES_STORE is unset: under BASE_PATH (a RunPod
+    network volume, a mounted disk) if set, else the user's cache folder."""
+    base = env.get("BASE_PATH")
+    if base:
+        return os.path.join(base, "vllm-gateway", "responses.sqlite3")
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "vllm-gateway", "responses.sqlite3")
+
+
+def parse_store(raw: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """RESPONSES_STORE as (kind, location); a malformed value raises ValueError
+    saying what is accepted (it stops the start-up)."""
+    spec = raw.strip()
+    accepted = ("RESPONSES_STORE must be empty (an SQLite file under BASE_PATH), memory, sqlite:///PATH "
+                "or redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS)")
+    if not spec or spec.lower() == "sqlite":
+        return "sqlite", default_store_path(env)
+    if spec.lower() == "memory":
+        return "memory", ""
+    scheme = spec.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        path = spec[len("sqlite:"):]
+        path = path[2:] if path.startswith("//") else path  # sqlite:///abs/file -> /abs/file
+        if not path or path.endswith("/"):
+            raise ValueError(f"RESPONSES_STORE: {spec!r} names no file. " + accepted)
+        return "sqlite", path
+    if scheme in ("redis", "rediss"):
+        try:
+            u = urllib.parse.urlsplit(spec)
+            port = u.port  # raises ValueError on a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"RESPONSES_STORE: not a Redis URL ({e}). " + accepted) from None
+        db = u.path.lstrip("/")
+        if not u.hostname or (db and not db.isdigit()) or (port is not None and not 0 < port < 65536):
+            raise ValueError("RESPONSES_STORE: a Redis URL needs a host, and its path (if any) a database "
+                             "number. " + accepted)
+        return "redis", spec
+    raise ValueError("RESPONSES_STORE: unknown store. " + accepted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +167,8 @@ class ServingSettings:
     request_timeout_s: float = 0  # 0: no limit
     drain_timeout_s: float = 30  # on SIGTERM, running requests may finish for this long
     response_role: str = "assistant"
-    # Stored Responses API answers (previous_response_id, GET, background): per process.
-    responses_store_size: int = 1000
-    responses_store_ttl_s: float = 3600
+    # Stored Responses API answers (previous_response_id, GET, background).
+    responses_store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's switch for them).
     allow_runtime_lora: bool = False
     routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
@@ -93,8 +184,7 @@ class ServingSettings:
             request_timeout_s=_env(env, "REQUEST_TIMEOUT_S", cls.request_timeout_s, float),
             drain_timeout_s=_env(env, "DRAIN_TIMEOUT_S", cls.drain_timeout_s, float),
             response_role=_env(env, "OPENAI_RESPONSE_ROLE", cls.response_role),
-            responses_store_size=_env(env, "RESPONSES_STORE_SIZE", cls.responses_store_size, int),
-            responses_store_ttl_s=_env(env, "RESPONSES_STORE_TTL_S", cls.responses_store_ttl_s, float),
+            responses_store=StoreSettings.from_env(env),
             allow_runtime_lora=_env(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", cls.allow_runtime_lora, parse_bool),
             routing=RoutingSettings.from_env(env),
         )

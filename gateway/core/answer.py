@@ -8,12 +8,44 @@ import dataclasses
 import time
 import uuid
 
+from msgspec import Struct
+
 from vllm_gateway.gateway.engines.streams import join_tool_calls
-from vllm_gateway.protocol.messages import Delta, ToolCallDelta
+from vllm_gateway.protocol.messages import Delta, TokenLogprob, ToolCallDelta
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class OutputLogprob(Struct):
+    """One output token's log probability, as chat completions and the
+    Responses API both give it."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="surrogatepass"))
+
+
+def output_logprobs(items: list[TokenLogprob]) -> list[OutputLogprob]:
+    return [
+        OutputLogprob(
+            lp.token, max(lp.logprob, -9999.0), _utf8(lp.token),  # as vLLM clamps (JSON has no -inf)
+            [TopLogprob(t, max(v, -9999.0), _utf8(t)) for t, v, _ in lp.top],
+        )
+        for lp in items if lp.logprob is not None
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +99,7 @@ class Answer:
     """One choice's whole (non-streamed) answer, accumulated from its deltas:
     text, reasoning, tool calls (pieces joined per call), and how it ended."""
 
-    __slots__ = ("_text", "_reasoning", "tool_calls", "finish_reason", "stop_reason")
+    __slots__ = ("_text", "_reasoning", "tool_calls", "finish_reason", "stop_reason", "logprobs")
 
     def __init__(self) -> None:
         self._text: list[str] = []
@@ -75,10 +107,13 @@ class Answer:
         self.tool_calls: list[ToolCallDelta] = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.logprobs: list[TokenLogprob] = []  # when asked for
 
     def add(self, d: Delta) -> None:
         if d.text:
             self._text.append(d.text)
+        if d.logprobs:
+            self.logprobs += d.logprobs
         if d.reasoning:
             self._reasoning.append(d.reasoning)
         if d.tool_calls:

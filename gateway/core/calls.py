@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from vllm_gateway.gateway.core.answer import Book
@@ -70,6 +70,18 @@ class Call:
     # The first events of a stream, if any, given the engine's first output.
     opening: Callable[[list[Delta]], list[object]] | None = None
     exact: bool = False  # engine batches kept as they are, not merged per choice (RunPod's standard mode)
+    wire: Wire = OPENAI_WIRE
+    # Awaited once the whole answer is made, before its end is sent (a stored
+    # response is stored then, so that a follow-up finds it); its APIError is the client's.
+    finish: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclasses.dataclass
+class EventStream:
+    """A stream of objects made elsewhere (a stored response's events, replayed),
+    written as `wire` writes a call's stream."""
+
+    batches: AsyncIterator[list[object]]
     wire: Wire = OPENAI_WIRE
 
 
@@ -167,7 +179,7 @@ class CallRun:
         # One timer for the whole request, not a timeout around every engine step.
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire) if timeout_s > 0 else None
         self._first: list[Delta] | None = None  # the engine's first output, until streamed
-        self._closing_due = call.closing is not None
+        self._closing_due = call.closing is not None or call.finish is not None
         self._closed = False
 
     def close(self) -> None:
@@ -209,7 +221,10 @@ class CallRun:
                 fmt.add(batch)
         finally:
             self.close()
-        return fmt.response()
+        answer = fmt.response()
+        if self.call.finish is not None:
+            await self.call.finish()
+        return answer
 
     async def next_batch(self) -> list[object] | None:
         """The stream objects of the next engine output batch (the opening ones
@@ -229,9 +244,12 @@ class CallRun:
             batch = await self._next()
             if batch is not None:
                 return fmt.chunks(batch)
-        if self._closing_due and self.call.closing is not None:
+        if self._closing_due:
             self._closing_due = False
-            return self.call.closing()
+            closing = self.call.closing() if self.call.closing is not None else []
+            if self.call.finish is not None:
+                await self.call.finish()
+            return closing
         return None
 
     async def batches(self) -> AsyncIterator[list[object]]:

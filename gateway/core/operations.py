@@ -55,6 +55,7 @@ class Incoming:
     body: Any  # the decoded body (the operation's `body` type), or None
     params: dict[str, str] = dataclasses.field(default_factory=dict)  # path parameters
     owner: str | None = None  # who asks: the id of the API key used (None without keys)
+    query: dict[str, str] = dataclasses.field(default_factory=dict)  # query parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Operation:
     answered_as_ok: tuple[int, ...] = ()  # error statuses whose body is the answer's type (/health's 503)
     work: bool = False  # needs an engine: refused while draining
     jobs: bool = True  # reachable from a RunPod job
+    query: tuple[tuple[str, dict[str, Any]], ...] = ()  # query parameters: (name, JSON schema)
 
 
 class Operations:

@@ -20,13 +20,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.config import GatewaySettings
 from vllm_gateway.gateway.core.admission import Admission
-from vllm_gateway.gateway.core.calls import Call, CallRun, ClientGone
+from vllm_gateway.gateway.core.calls import Call, CallRun, ClientGone, EventStream
 from vllm_gateway.gateway.core.errors import APIError, decode_or_400
 from vllm_gateway.gateway.core.operations import JSON, Context, Incoming, Operation, Operations, Result
 from vllm_gateway.gateway.core.schema import json_decoder, json_encode
@@ -104,8 +104,11 @@ class Endpoints:
                         raise overloaded(admission.cap)
                     admitted = True
                 body = decode_or_400(decode, await self._body(request)) if decode is not None else None
-                incoming = Incoming(body, request.path_params, request.scope.get(KEY_ID))
+                incoming = Incoming(body, request.path_params, request.scope.get(KEY_ID), dict(request.query_params))
                 out = await self._until_disconnect(request, op.handler(self.ctx, incoming))
+                if isinstance(out, EventStream):
+                    return StreamingResponse(_sse(out), media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 if isinstance(out, Call):
                     answer = await self._run(request, out)
                     if isinstance(answer, SSEResponse) and admitted:
@@ -176,6 +179,19 @@ class Endpoints:
             return work.result()
         work.cancel()
         raise ClientGone()
+
+
+async def _sse(stream: EventStream):
+    """An `EventStream` as server-sent events (a replay: not the path every
+    generated token takes, which is `SSEResponse`)."""
+    wire = stream.wire
+    try:
+        async for batch in stream.batches:
+            yield b"".join(wire.event(e) for e in batch)
+        yield wire.done
+    except APIError as e:
+        metrics.ERRORS.labels(e.type).inc()
+        yield wire.error(e) + wire.done
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -17,9 +17,10 @@ JSON = "application/json"
 SSE = "text/event-stream"
 REF = "#/components/schemas/{name}"
 
-_REASONS = {400: "Bad request", 404: "Unknown model", 408: "The request body did not arrive in time",
-            413: "Request body too large", 415: "Content-Type is not application/json",
-            503: "No engine ready, or shutting down", 504: "REQUEST_TIMEOUT_S passed"}
+_REASONS = {400: "Bad request", 404: "Not found (a model, a stored response)",
+            408: "The request body did not arrive in time", 413: "Request body too large",
+            415: "Content-Type is not application/json", 429: "Over a limit: retry after Retry-After",
+            503: "No engine ready, shutting down, or the response store unavailable", 504: "REQUEST_TIMEOUT_S passed"}
 
 
 def _content(schema: dict[str, Any], media_type: str = JSON) -> dict[str, Any]:
@@ -69,10 +70,11 @@ def document(operations: Operations, version: str = "0.1.0") -> dict[str, Any]:
         item: dict[str, Any] = {"summary": op.summary, "operationId": f"{op.method}{op.path}", "responses": responses}
         if op.body is not None:
             item["requestBody"] = {"required": True, "content": _content(ref[op.body])}
-        params = re.findall(r"{(\w+)}", op.path)
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in re.findall(r"{(\w+)}", op.path)]
+        params += [{"name": n, "in": "query", "required": False, "schema": schema} for n, schema in op.query]
         if params:
-            item["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                                  for n in params]
+            item["parameters"] = params
         paths.setdefault(op.path, {})[op.method] = item
     return {
         "openapi": "3.1.0",

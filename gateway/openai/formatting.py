@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 
-from vllm_gateway.gateway.core.answer import Answer, Book, TokenUsage
+from vllm_gateway.gateway.core.answer import Answer, Book, OutputLogprob, TokenUsage, output_logprobs
 from vllm_gateway.protocol.messages import Delta, TokenLogprob, ToolCallDelta
 from vllm_gateway.gateway.openai.schemas import (
     ChatChoice,
@@ -21,7 +21,6 @@ from vllm_gateway.gateway.openai.schemas import (
     ChatDelta,
     ChatLogprobs,
     ChatMessage,
-    ChatTokenLogprob,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -30,7 +29,6 @@ from vllm_gateway.gateway.openai.schemas import (
     DeltaToolCall,
     FunctionCall,
     ToolCall,
-    TopLogprob,
     Usage,
 )
 
@@ -39,18 +37,8 @@ def openai_usage(u: TokenUsage) -> Usage:
     return Usage(u.prompt, u.completion, u.total, details)
 
 
-def _utf8(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="surrogatepass"))
-
-
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
-    return ChatLogprobs([
-        ChatTokenLogprob(
-            lp.token, max(lp.logprob, -9999.0), _utf8(lp.token),  # as vLLM clamps (JSON has no -inf)
-            [TopLogprob(t, max(v, -9999.0), _utf8(t)) for t, v, _ in lp.top],
-        )
-        for lp in items
-    ])
+    return ChatLogprobs(output_logprobs(items))
 
 
 def _delta_tool_calls(calls: list[ToolCallDelta]) -> list[DeltaToolCall]:
@@ -68,7 +56,7 @@ class ChatFormatter:
         self.continuous_usage = continuous_usage
         # Non-streaming accumulation.
         self.answers = [Answer() for _ in range(n)]
-        self.logprobs: list[list[ChatTokenLogprob] | None] = [None] * n
+        self.logprobs: list[list[OutputLogprob] | None] = [None] * n
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         b = self.book

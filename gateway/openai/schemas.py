@@ -7,6 +7,7 @@ from typing import Annotated, Any, Union
 
 from msgspec import Meta, Struct
 
+from vllm_gateway.gateway.core.answer import OutputLogprob
 from vllm_gateway.gateway.core.requests import ChatMessages, SamplingFields, Tool
 from vllm_gateway.gateway.core.schema import PositiveInt, TokenId, TopLogprobs
 
@@ -111,21 +112,8 @@ class Usage(Struct, omit_defaults=True):
     completion_tokens_details: CompletionTokensDetails | None = None
 
 
-class TopLogprob(Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(Struct):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: list[TopLogprob]
-
-
 class ChatLogprobs(Struct):
-    content: list[ChatTokenLogprob]
+    content: list[OutputLogprob]
 
 
 class CompletionLogprobs(Struct):

@@ -11,6 +11,7 @@ import msgspec
 
 from vllm_gateway.gateway.core.errors import APIError
 from vllm_gateway.gateway.responses.schemas import (
+    UNSERVED_FIELDS,
     FunctionCallItem,
     OutputItem,
     OutputMessage,
@@ -97,20 +98,49 @@ def output_messages(items: list[OutputItem]) -> list[dict[str, Any]]:
     return [message]
 
 
-def chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
-    """The chat request for `req`, after `history` (the chained conversation)."""
+# Fields a Responses request shares with a chat request, under the same name.
+_SHARED = ("temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logit_bias",
+           "skip_special_tokens", "include_stop_str_in_output", "structured_outputs", "chat_template_kwargs",
+           "include_reasoning")
+
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """Output logprobs, as vLLM gives them: asked by `include`, or by a
+    `top_logprobs` above 0 (vLLM would drop it without the include)."""
+    return OUTPUT_LOGPROBS in (req.include or []) or bool(req.top_logprobs)
+
+
+def check_served(req: ResponsesRequest) -> None:
+    """A field vLLM honours and this server does not is refused, never ignored."""
+    for name, unset in UNSERVED_FIELDS.items():
+        value = getattr(req, name)
+        if value is not msgspec.UNSET and value != unset:
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+
+
+def chat_request(req: ResponsesRequest, history: list[dict[str, Any]], stream: bool | None = None) -> ChatCompletionRequest:
+    """The chat request for `req`, after `history` (the chained conversation);
+    `stream` overrides the request's (a background response is always streamed
+    into the store)."""
+    check_served(req)
     messages = list(history) + input_messages(req.input)
     if req.instructions:
         messages.insert(0, {"role": "system", "content": req.instructions})
     if not messages:
         raise APIError(400, "input must not be empty", param="input")
-    body: dict[str, Any] = {"messages": messages, "stream": req.stream}
+    body: dict[str, Any] = {"messages": messages, "stream": req.stream if stream is None else stream}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
-    for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
+    for name in _SHARED:
         value = getattr(req, name)
         if value is not None:
-            body[name] = value
+            body[name] = msgspec.to_builtins(value)
+    if wants_logprobs(req):
+        body["logprobs"] = True
+        body["top_logprobs"] = req.top_logprobs or 0
     if req.tools:
         body["tools"] = [{"type": "function", "function": {k: v for k, v in (
             ("name", t.name), ("description", t.description), ("parameters", t.parameters), ("strict", t.strict))
@@ -118,6 +148,9 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCo
     if req.tool_choice is not None:
         body["tool_choice"] = _tool_choice(req.tool_choice)
     fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type != "text" and req.structured_outputs is not None:
+        raise APIError(400, "structured_outputs and text.format both constrain the output; use one",
+                       param="structured_outputs")
     if fmt is not None and fmt.type != "text":
         if fmt.type == "json_schema":
             if fmt.schema_ is None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from vllm_gateway.gateway.core.answer import OneChoiceAnswer
+from vllm_gateway.gateway.core.answer import OneChoiceAnswer, OutputLogprob, output_logprobs
 from vllm_gateway.gateway.responses.schemas import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -57,6 +56,7 @@ class _Open:
         self.id = item_id
         self.tool_index = tool_index
         self.text = ""
+        self.logprobs: list[OutputLogprob] = []
         self.call_id = ""
         self.name = ""
 
@@ -73,8 +73,7 @@ class ResponsesFormatter(OneChoiceAnswer):
         self.seq = 0
         self.finish: str | None = None
         self._open: _Open | None = None
-        # Called with the finished response (to store it, when asked).
-        self.on_final: Callable[[Response], object] | None = None
+        self.final: Response | None = None  # the finished response, once made (what is stored)
 
     # ------------------------------------------------------------------ stream
 
@@ -96,7 +95,7 @@ class ResponsesFormatter(OneChoiceAnswer):
                 self._append(out, d.reasoning)
             if d.text:
                 self._switch(out, "message")
-                self._append(out, d.text)
+                self._append(out, d.text, output_logprobs(d.logprobs) if d.logprobs else None)
             for call in d.tool_calls or []:
                 self._switch(out, "function_call", call)
                 if call.arguments:
@@ -139,12 +138,15 @@ class ResponsesFormatter(OneChoiceAnswer):
         elif kind == "reasoning":
             out.append(self._event(PartAdded(item_id=o.id, output_index=index, content_index=0, part=ReasoningText(""))))
 
-    def _append(self, out: list[ResponseEvent], piece: str) -> None:
+    def _append(self, out: list[ResponseEvent], piece: str, logprobs: list[OutputLogprob] | None = None) -> None:
         o = self._open
         assert o is not None
         o.text += piece
         if o.kind == "message":
-            out.append(self._event(TextDelta(item_id=o.id, output_index=o.index, content_index=0, delta=piece)))
+            if logprobs:
+                o.logprobs += logprobs
+            out.append(self._event(TextDelta(item_id=o.id, output_index=o.index, content_index=0, delta=piece,
+                                             logprobs=logprobs or [])))
         elif o.kind == "reasoning":
             out.append(self._event(ReasoningDelta(item_id=o.id, output_index=o.index, content_index=0, delta=piece)))
         else:
@@ -156,8 +158,9 @@ class ResponsesFormatter(OneChoiceAnswer):
             return
         item: OutputItem
         if o.kind == "message":
-            part = OutputText(o.text)
-            out.append(self._event(TextDone(item_id=o.id, output_index=o.index, content_index=0, text=o.text)))
+            part = OutputText(o.text, logprobs=o.logprobs)
+            out.append(self._event(TextDone(item_id=o.id, output_index=o.index, content_index=0, text=o.text,
+                                            logprobs=o.logprobs)))
             out.append(self._event(PartDone(item_id=o.id, output_index=o.index, content_index=0, part=part)))
             item = OutputMessage(o.id, [part])
         elif o.kind == "reasoning":
@@ -180,7 +183,7 @@ class ResponsesFormatter(OneChoiceAnswer):
         if a.reasoning is not None:
             self.items.append(ReasoningItem(_id("rs"), [], [ReasoningText(a.reasoning)]))
         if text or not a.tool_calls:
-            self.items.append(OutputMessage(_id("msg"), [OutputText(text)]))
+            self.items.append(OutputMessage(_id("msg"), [OutputText(text, logprobs=output_logprobs(a.logprobs))]))
         for c in a.tool_calls:
             self.items.append(FunctionCallItem(_id("fc"), c.id or _id("call"), c.name or "", c.arguments))
         return self._final()
@@ -206,8 +209,7 @@ class ResponsesFormatter(OneChoiceAnswer):
                                    output_tokens_details=OutputTokensDetails(reasoning)),
             "incomplete_details": IncompleteDetails("max_output_tokens") if incomplete else None,
         })
-        if self.on_final is not None:
-            self.on_final(final)
+        self.final = final
         return final
 
 

@@ -10,7 +10,20 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from vllm_gateway.gateway.core.schema import NonNegFloat, TokenCount
+from vllm_gateway.gateway.core.answer import OutputLogprob
+from vllm_gateway.gateway.core.requests import StructuredOutputsParam
+from vllm_gateway.gateway.core.schema import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP,
+    MAX_STOP_TOKEN_IDS,
+    NonNegFloat,
+    Penalty,
+    Probability,
+    Seed,
+    TokenCount,
+    TokenId,
+    TopLogprobs,
+)
 
 # ----------------------------------------------------------------------- request
 
@@ -65,7 +78,51 @@ class ResponsesRequest(Struct, kw_only=True):
     previous_response_id: str | None = None
     background: bool = False
     stream: bool = False
-    include: list[str] | None = None  # accepted; nothing optional is added
+    # "message.output_text.logprobs" adds output tokens' logprobs (with
+    # `top_logprobs` alternatives); other values add nothing.
+    include: list[str] | None = None
+    top_logprobs: TopLogprobs | None = None
+    # vLLM's own ResponsesRequest fields: applied as the chat route applies them.
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    ignore_eos: bool = False
+    logit_bias: Annotated[
+        dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)
+    ] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParam | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
+    # Accepted as vLLM accepts them, and ignored as vLLM ignores them.
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    # What vLLM honours and this server does not: refused when set, never ignored.
+    priority: int | msgspec.UnsetType = msgspec.UNSET
+    cache_salt: str | msgspec.UnsetType = msgspec.UNSET
+    truncation: str | None | msgspec.UnsetType = msgspec.UNSET
+    max_tool_calls: int | None | msgspec.UnsetType = msgspec.UNSET
+    prompt: Any = msgspec.UNSET
+    request_id: str | msgspec.UnsetType = msgspec.UNSET
+    previous_input_messages: Any = msgspec.UNSET
+    enable_response_messages: bool | msgspec.UnsetType = msgspec.UNSET
+    vllm_xargs: Any = msgspec.UNSET
+    kv_transfer_params: Any = msgspec.UNSET
+    mm_processor_kwargs: Any = msgspec.UNSET
+    media_io_kwargs: Any = msgspec.UNSET
+
+
+# The refused fields above, with the value that means "not asked for".
+UNSERVED_FIELDS = {"priority": 0, "cache_salt": None, "truncation": "disabled", "max_tool_calls": None,
+                   "prompt": None, "request_id": None, "previous_input_messages": None,
+                   "enable_response_messages": False, "vllm_xargs": None, "kv_transfer_params": None,
+                   "mm_processor_kwargs": None, "media_io_kwargs": None}
 
 
 # ---------------------------------------------------------------------- response
@@ -74,7 +131,7 @@ class ResponsesRequest(Struct, kw_only=True):
 class OutputText(Struct, tag_field="type", tag="output_text"):
     text: str
     annotations: list[Any] = []
-    logprobs: list[Any] = []
+    logprobs: list[OutputLogprob] = []
 
 
 class ReasoningText(Struct, tag_field="type", tag="reasoning_text"):
@@ -188,6 +245,10 @@ class Incomplete(ResponseEvent, tag="response.incomplete"):
     response: Response
 
 
+class Failed(ResponseEvent, tag="response.failed"):
+    response: Response
+
+
 class ItemAdded(ResponseEvent, tag="response.output_item.added"):
     output_index: int
     item: OutputItem
@@ -216,12 +277,12 @@ class PartDone(_ContentEvent, tag="response.content_part.done"):
 
 class TextDelta(_ContentEvent, tag="response.output_text.delta"):
     delta: str
-    logprobs: list[Any] = []
+    logprobs: list[OutputLogprob] = []
 
 
 class TextDone(_ContentEvent, tag="response.output_text.done"):
     text: str
-    logprobs: list[Any] = []
+    logprobs: list[OutputLogprob] = []
 
 
 class ReasoningDelta(_ContentEvent, tag="response.reasoning_text.delta"):
@@ -249,3 +310,9 @@ class ErrorEvent(ResponseEvent, tag="error"):
     message: str
     code: str | None = None
     param: str | None = None
+
+
+# Every streamed event, as one union (for /openapi.json and to read stored events back).
+ResponseStreamEvent = Union[Created, InProgress, ItemAdded, PartAdded, TextDelta, TextDone, PartDone, ReasoningDelta,
+                            ReasoningDone, ArgumentsDelta, ArgumentsDone, ItemDone, Completed, Incomplete, Failed,
+                            ErrorEvent]

@@ -29,7 +29,7 @@ from typing import Any
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.config import RunPodSettings
-from vllm_gateway.gateway.core.calls import Call, CallRun
+from vllm_gateway.gateway.core.calls import Call, CallRun, EventStream
 from vllm_gateway.gateway.core.errors import APIError, decode_or_400
 from vllm_gateway.gateway.core.operations import Context, Incoming, Operations, Result
 from vllm_gateway.gateway.core.schema import from_dict, json_encode
@@ -215,9 +215,17 @@ class JobHandler:
             raise APIError(404, f"no route {method} {path}; jobs reach {routes}", param="route", code="unknown_route")
         op, params = found
         try:
-            request = Incoming(decode_or_400(from_dict(op.body), body, "openai_input") if op.body else None, params)
+            # A route without a body (GET) reads openai_input as its query parameters.
+            query = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in body.items()} \
+                if not op.body and isinstance(body, dict) else {}
+            request = Incoming(decode_or_400(from_dict(op.body), body, "openai_input") if op.body else None, params,
+                               query=query)
             ctx = await self._context()
             out = await op.handler(ctx, request)
+            if isinstance(out, EventStream):
+                async for batch in self._replay(out):
+                    yield batch
+                return
             if not isinstance(out, Call):
                 value = to_builtins(out.body if isinstance(out, Result) else out)
                 if isinstance(value, dict) and value.get("error"):
@@ -257,6 +265,12 @@ class JobHandler:
             batch.append(call.wire.done.decode())
         if batch:
             yield "".join(batch) if raw else batch
+
+    async def _replay(self, stream: EventStream) -> AsyncIterator[Any]:
+        """Stored events (a background response's, replayed), a batch each as they come."""
+        raw = self.settings.raw_openai_output
+        async for batch in stream.batches:
+            yield "".join(stream.wire.event(e).decode() for e in batch) if raw else [to_builtins(e) for e in batch]
 
     async def _standard(self, job: JobInput) -> AsyncIterator[Any]:
         gen = job_generate(job, f"job-{uuid.uuid4().hex}")

@@ -7,19 +7,21 @@ integration/test_gateway_alone.py (synthetic engine) and test_reliability.py (vL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
+import time
 
 import msgspec
 import pytest
 import zmq
 import zmq.asyncio
 
-from support import ROOT, child_env, free_port
-from vllm_gateway.gateway.config import GatewaySettings
+from support import ROOT, child_env, free_port, stores
+from vllm_gateway.gateway.config import GatewaySettings, StoreSettings
+from vllm_gateway.gateway.core.errors import APIError
 from vllm_gateway.gateway.engines.client import EngineClient, Unencodable
 from vllm_gateway.gateway.responses import serving
-from vllm_gateway.gateway.responses.schemas import Response
 from vllm_gateway.gateway.responses.store import ResponseStore
 from vllm_gateway.protocol.messages import PROTOCOL_VERSION, EngineStatus
 from vllm_gateway.protocol.transport import InsecureEndpoint, check_client_endpoints
@@ -27,35 +29,54 @@ from vllm_gateway.protocol.transport import InsecureEndpoint, check_client_endpo
 
 # ------------------------------------------------------------- stored responses
 
-
-def _response(rid: str, status: str = "completed") -> Response:
-    return Response(id=rid, created_at=0, model="m", status=status)
+SMALL = StoreSettings("memory", "", max_bytes=64 * 1024, max_count=10, ttl_s=60)
 
 
-def test_store_eviction_never_drops_running_background_responses():
+@pytest.fixture(params=["memory", "sqlite"])
+def store_settings(request, tmp_path) -> StoreSettings:
+    return dataclasses.replace(SMALL, kind=request.param, location=str(tmp_path / "responses.sqlite3"))
+
+
+@pytest.mark.parametrize("contract", stores.CONTRACT, ids=lambda f: f.__name__)
+def test_store_backends_keep_the_contract(contract, store_settings):
+    contract(ResponseStore, store_settings)
+
+
+def test_an_sqlite_store_survives_a_restart(tmp_path):
+    settings = dataclasses.replace(SMALL, kind="sqlite", location=str(tmp_path / "sub" / "r.sqlite3"))
+
     async def scenario() -> None:
-        store = ResponseStore(size=2, ttl_s=0.2)
-        forever = asyncio.get_running_loop().create_future()
-        running = store.put(_response("bg", "in_progress"), [], task=asyncio.ensure_future(forever))
-        store.put(_response("a"), [])
-        store.put(_response("b"), [])
-        store.put(_response("c"), [])  # over the size: finished ones go, oldest first
-        assert store.get("bg") is running and store.get("a") is None and store.get("c") is not None
-        await asyncio.sleep(0.3)  # past the TTL: the finished expire, the running one stays
-        assert store.get("c") is None and store.get("bg") is running
-        assert not forever.cancelled()
-        forever.cancel()
+        first = ResponseStore(settings)
+        await first.create(stores.response("kept", text="hello"), [{"role": "user", "content": "hi"}], "key")
+        await first.close()
+        second = ResponseStore(settings)
+        got = await second.get("kept", "key")
+        assert got is not None and got.response.output_text == "hello"
+        assert await second.usage() == (len(msgspec.json.encode(got.record)), 1)
+        await second.close()
 
     asyncio.run(scenario())
 
 
-def test_stored_responses_belong_to_their_key():
-    store = ResponseStore(10, 60)
-    store.put(_response("mine"), [], owner="key-a")
-    assert store.get("mine", "key-a") is not None
-    assert store.get("mine", "key-b") is None and store.get("mine") is None
-    assert not store.delete("mine", "key-b") and store.get("mine", "key-a") is not None
-    assert store.delete("mine", "key-a")
+def test_an_unusable_sqlite_file_is_a_503_naming_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    settings = dataclasses.replace(SMALL, kind="sqlite", location=str(tmp_path / "file" / "r.sqlite3"))
+
+    async def scenario() -> None:
+        store = ResponseStore(settings)
+        with pytest.raises(APIError) as e:
+            await store.get("x")
+        assert e.value.status == 503 and e.value.code == "store_unavailable" and "r.sqlite3" in e.value.message
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("spec", ["postgres://db/x", "redis://", "redis://host:70000", "redis://host/zero",
+                                  "sqlite:///", "memroy"])
+def test_a_malformed_store_stops_the_start(spec):
+    with pytest.raises(ValueError, match="RESPONSES_STORE"):
+        GatewaySettings.from_env({"RESPONSES_STORE": spec})
 
 
 class _Refusing:
@@ -65,46 +86,72 @@ class _Refusing:
         raise Unencodable("int too big to convert")
 
 
-def _prepared(store: ResponseStore) -> serving.Prepared:
+async def _background(rs: serving.Responses, client) -> str:
     from vllm_gateway.gateway.responses.schemas import ResponsesRequest
 
     req = msgspec.convert({"input": "hi", "background": True, "store": True}, ResponsesRequest)
-    return serving.prepare(req, "m", store)
+    prepared = await serving.prepare(req, "m", rs)
+    queued = await serving.start_background(rs, client, prepared, 0)
+    assert queued.status == "queued"
+    return queued.id
 
 
 def test_a_background_response_whose_submission_fails_ends_failed_and_can_be_cancelled():
     async def scenario() -> None:
-        store = ResponseStore(10, 60)
-        queued = serving.start_background(_Refusing(), _prepared(store), store, 0)
-        assert queued.status == "queued"
+        rs = serving.Responses.of(ResponseStore(SMALL))
+        rid = await _background(rs, _Refusing())
         for _ in range(50):
             await asyncio.sleep(0.01)
-            if serving.fetch(store, queued.id).status != "in_progress":
+            if (await serving.fetch(rs, rid)).status != "queued":
                 break
-        failed = serving.fetch(store, queued.id)
+        failed = await serving.fetch(rs, rid)
         assert failed.status == "failed" and failed.error is not None and "value out of range" in failed.error.message
-        again = await serving.cancel(store, queued.id)  # no error re-raised
+        again = await serving.cancel(rs, rid)  # no error re-raised
         assert again.status == "failed"
+        # its replay ends with the failure
+        events = [e async for batch in (await serving.replay(rs, rid, None, -1)).batches for e in batch]
+        assert [type(e).__name__ for e in events] == ["Failed"]
+        await rs.close("done")
 
     asyncio.run(scenario())
 
 
-def test_a_stopping_gateway_fails_running_background_responses():
-    class Stuck:
-        def submit(self, gens, exact=False):
-            return _Never()
+class _Stuck:
+    def submit(self, gens, exact=False):
+        return _Never()
 
-        def release(self, stream, *, abort):
-            pass
+    def release(self, stream, *, abort):
+        pass
+
+
+def test_a_stopping_gateway_fails_running_background_responses():
+    async def scenario() -> None:
+        rs = serving.Responses.of(ResponseStore(SMALL))
+        rid = await _background(rs, _Stuck())
+        await asyncio.sleep(0.05)
+        assert (await serving.fetch(rs, rid)).status == "queued"  # the engine took nothing yet
+        assert await rs.runner.fail_running("the gateway stopped") == 1
+        stopped = await serving.fetch(rs, rid)
+        assert stopped.status == "failed" and stopped.error.message == "the gateway stopped"
+        await rs.store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_response_whose_gateway_died_reads_as_failed(tmp_path):
+    """Two gateways on one SQLite file: the one running a response dies (its
+    lease lapses); the other ends it failed when it reads it."""
+    settings = dataclasses.replace(SMALL, kind="sqlite", location=str(tmp_path / "r.sqlite3"))
 
     async def scenario() -> None:
-        store = ResponseStore(10, 60)
-        queued = serving.start_background(Stuck(), _prepared(store), store, 0)
-        await asyncio.sleep(0.05)
-        assert serving.fetch(store, queued.id).status == "in_progress"
-        assert await serving.fail_running(store, "the gateway stopped") == 1
-        stopped = serving.fetch(store, queued.id)
-        assert stopped.status == "failed" and stopped.error.message == "the gateway stopped"
+        dead = ResponseStore(settings)
+        await dead.create(stores.response("orphan", "in_progress"), [], None)
+        await dead.backend.update("orphan", (await dead.backend.get("orphan"))[0], time.time() - 1)  # lapsed
+        alive = serving.Responses.of(ResponseStore(settings))
+        got = await serving.fetch(alive, "orphan")
+        assert got.status == "failed" and "stopped before it finished" in got.error.message
+        await dead.close()
+        await alive.close("done")
 
     asyncio.run(scenario())
 
