@@ -6,15 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 flavor="${1:-cpu}"
 venv="${VENV:-.venv}"
-stamp="$venv/.installed-$flavor-$(sha1sum setup.cfg deploy/install.sh | sha1sum | cut -c1-12)"
-if [ -f "$stamp" ]; then exit 0; fi
-
 # The tests start a real redis-server (the shared Responses store). Debian's
 # package, installed when missing and we may (root with apt-get); serving needs
 # no local Redis.
 if ! command -v redis-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
+stamp="$venv/.installed-$flavor-$(sha1sum setup.cfg deploy/install.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then exit 0; fi
+
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install --quiet --upgrade pip wheel

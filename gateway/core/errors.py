@@ -125,5 +125,5 @@ def from_failure(failure: RequestFailed, prompt_param: str = "prompt") -> APIErr
     """The client's error for an engine request's failure. A prompt fault names
     the field the prompt came in (`messages` for chat)."""
     status, type_, code = _FAILURES.get(failure.kind, _FAILURES[FailureKind.INTERNAL])
-    param = prompt_param if failure.param == "prompt" else failure.param
+    param = prompt_param if failure.param in ("prompt", "messages") else failure.param
     return APIError(status, failure.message, param=param, code=code, type=type_)

@@ -55,6 +55,11 @@ class ReasoningConfig(Struct, kw_only=True, omit_defaults=True):
     summary: str | None = None
 
 
+# At most 16 pairs, keys of 64 characters, values of 512: OpenAI's bounds
+# (metadata is stored with the response and echoed back).
+Metadata = Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]],
+                     Meta(max_length=16)]
+
 # Input items (messages, function calls and their outputs) arrive as objects of
 # several shapes; `convert.py` reads them and names the item at fault.
 InputItems = Annotated[list[dict[str, Any]], Meta(max_length=4096)]
@@ -72,7 +77,7 @@ class ResponsesRequest(Struct, kw_only=True):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = None
     store: bool = True
     previous_response_id: str | None = None
