@@ -96,6 +96,9 @@ class ResponsesFormatter(OneChoiceAnswer):
             if d.text:
                 self._switch(out, "message")
                 self._append(out, d.text, output_logprobs(d.logprobs) if d.logprobs else None)
+            elif d.logprobs and self._open is not None and self._open.kind == "message":
+                # a token with no text of its own (the end of turn): its logprob, as the whole answer has it
+                self._append(out, "", output_logprobs(d.logprobs))
             for call in d.tool_calls or []:
                 self._switch(out, "function_call", call)
                 if call.arguments:

@@ -147,6 +147,83 @@ def test_background_runs_and_cancels(client, engine_endpoint):
         client.responses.create(model=MODEL, input="x", background=True, store=False)
 
 
+STORY = "Write a short poem about the sea."
+
+
+def _greedy(client, **kw):
+    return client.responses.create(model=MODEL, input=STORY, max_output_tokens=30, temperature=0, **kw)
+
+
+# vLLM's own Responses fields, each with what it must do to the answer (`plain`:
+# the greedy answer without it).
+SAMPLING = [
+    ({"top_k": 1, "temperature": 1.5}, lambda r, plain: r.output_text == plain.output_text),
+    ({"min_p": 1.0, "temperature": 1.5}, lambda r, plain: r.output_text == plain.output_text),
+    ({"seed": 7, "temperature": 1.5}, lambda r, plain: r.output_text != plain.output_text),
+    ({"repetition_penalty": 2.0, "temperature": 0}, lambda r, plain: r.output_text != plain.output_text),
+    ({"presence_penalty": 2.0, "frequency_penalty": 2.0, "temperature": 0},
+     lambda r, plain: r.output_text != plain.output_text),
+    ({"stop": ["ocean"], "temperature": 0},
+     lambda r, plain: "ocean" in plain.output_text and plain.output_text.startswith(r.output_text)
+     and "ocean" not in r.output_text),
+    ({"stop": ["ocean"], "include_stop_str_in_output": True, "temperature": 0},
+     lambda r, plain: r.output_text.endswith("ocean") and plain.output_text.startswith(r.output_text)),
+    ({"structured_outputs": {"choice": ["calm", "stormy"]}, "temperature": 0},
+     lambda r, plain: r.output_text in ("calm", "stormy")),
+    ({"ignore_eos": True, "temperature": 0, "max_output_tokens": 120},
+     lambda r, plain: r.usage.output_tokens == 120),
+    ({"logit_bias": {"198": -100, "28": -100}, "temperature": 0}, lambda r, plain: True),
+]
+
+
+@pytest.mark.parametrize("fields,effect", SAMPLING, ids=lambda v: ",".join(v) if isinstance(v, dict) else "")
+def test_vllm_sampling_fields_apply_as_on_the_chat_route(client, fields, effect):
+    fields = dict(fields)
+    temperature, max_tokens = fields.pop("temperature"), fields.pop("max_output_tokens", 30)
+    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=max_tokens, temperature=temperature,
+                                extra_body=fields)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": STORY}],
+                                          max_tokens=max_tokens, temperature=temperature, extra_body=fields)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    plain = _greedy(client)
+    assert effect(r, plain), (r.output_text, plain.output_text)
+    if "seed" in fields:  # the same seed, the same answer; another seed, another
+        again = client.responses.create(model=MODEL, input=STORY, max_output_tokens=30, temperature=temperature,
+                                        extra_body=fields)
+        other = client.responses.create(model=MODEL, input=STORY, max_output_tokens=30, temperature=temperature,
+                                        extra_body={"seed": 8})
+        assert again.output_text == r.output_text != other.output_text
+
+
+def test_output_logprobs_as_on_the_chat_route(client):
+    r = client.responses.create(model=MODEL, input=FRANCE, max_output_tokens=8, temperature=0, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    logprobs = r.output[0].content[0].logprobs
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": FRANCE}], max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert [(lp.token, lp.logprob) for lp in logprobs] == \
+        [(lp.token, lp.logprob) for lp in chat.choices[0].logprobs.content]
+    assert len(logprobs) == r.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+    with client.responses.stream(model=MODEL, input=FRANCE, max_output_tokens=8, temperature=0, top_logprobs=2,
+                                 include=["message.output_text.logprobs"]) as stream:
+        deltas = [e for e in stream if e.type == "response.output_text.delta"]
+    assert [lp.token for e in deltas for lp in e.logprobs] == [lp.token for lp in logprobs]
+    plain = client.responses.create(model=MODEL, input=FRANCE, max_output_tokens=8, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
+@pytest.mark.parametrize("field,value", [("priority", 1), ("cache_salt", "salt"), ("truncation", "auto"),
+                                         ("vllm_xargs", {"a": 1}), ("request_id", "mine")])
+def test_vllm_fields_not_served_are_refused_not_ignored(http, field, value):
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "x", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    ok = {"priority": 0, "truncation": "disabled", "cache_salt": None}
+    if field in ok:  # the value that asks for nothing is fine
+        assert http.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1,
+                                                field: ok[field]}).status_code == 200
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
@@ -154,8 +231,12 @@ def test_background_runs_and_cancels(client, engine_endpoint):
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": []}, "input"),
+    ({"input": "x", "structured_outputs": {"choice": ["a"]}, "text": {"format": {"type": "json_object"}}},
+     "structured_outputs"),
+    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ({"input": "x", "top_k": -2}, "top_k"),
 ])
 def test_bad_requests_are_400_naming_the_field(http, body, param):
     r = http.post("/v1/responses", json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param, r.json()
+    assert r.json()["error"]["param"].removesuffix("[...]") == param, r.json()
