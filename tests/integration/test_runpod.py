@@ -213,6 +213,16 @@ def test_responses_and_messages_through_openai_route(queue, worker):
     assert data[-1]["type"] == "response.completed"
     stored = run(queue, worker, {"route": f"/v1/responses/{whole['id']}", "method": "GET"})[1]["output"]
     assert stored == [whole]
+    # a background response's events, replayed from a sequence number on (a GET's query in the body)
+    _, result = run(queue, worker, {"openai_route": "/v1/responses", "openai_input": {
+        **body, "max_output_tokens": 12, "background": True}})
+    rid = result["output"][0]["id"]
+    outputs, _ = run(queue, worker, {"route": f"/v1/responses/{rid}", "method": "GET",
+                                     "body": {"stream": True, "starting_after": 2}})
+    evs = [e for o in outputs for e in o.split("\n\n") if e]
+    data = [json.loads(e.split("data: ", 1)[1]) for e in evs]
+    assert [d["sequence_number"] for d in data] == list(range(3, 3 + len(data)))
+    assert data[-1]["type"] in ("response.completed", "response.incomplete")
 
     msg = {"model": MODEL, "max_tokens": 30, "temperature": 0,
            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -503,7 +513,7 @@ def test_a_failed_background_response_fetched_by_a_job_is_no_failed_job(queue, w
         assert "error" not in result, result  # the job itself succeeded
         fetched = result["output"][0]
         fetched = json.loads(fetched) if isinstance(fetched, str) else fetched
-        if fetched["status"] != "in_progress" or time.monotonic() > deadline:
+        if fetched["status"] not in ("queued", "in_progress") or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert fetched["status"] == "failed" and fetched["error"]["message"], fetched
