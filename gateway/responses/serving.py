@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 import uuid
 from typing import Any
@@ -32,8 +31,6 @@ from vllm_gateway.gateway.responses.schemas import (
     ResponseStreamEvent,
 )
 from vllm_gateway.gateway.responses.store import Record, ResponseStore, Stored
-
-log = logging.getLogger("gateway.responses")
 
 
 def _event(obj: Any) -> bytes:
