@@ -247,3 +247,12 @@ def test_a_flood_of_large_stored_bodies_stays_within_the_bound(engine_endpoint, 
             assert wait_status(c, rid) == "incomplete"
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("spec", ["redis://host:port/x", "mongodb://db"])
+def test_a_malformed_store_stops_the_gateway_at_start(run_dir, spec):
+    proc = Proc("gateway-bad-store", ["vllm_gateway.gateway", "http", "--port", str(free_port())],
+                child_env(RESPONSES_STORE=spec), run_dir)
+    assert proc.popen.wait(60) == 2
+    proc.stop()
+    assert "RESPONSES_STORE" in proc.log_path.read_text() and "redis://[:PASSWORD@]HOST" in proc.log_path.read_text()
