@@ -122,6 +122,15 @@ def parse_store(raw: str, env: Mapping[str, str]) -> tuple[str, str]:
         if not u.hostname or (db and not db.isdigit()) or (port is not None and not 0 < port < 65536):
             raise ValueError("RESPONSES_STORE: a Redis URL needs a host, and its path (if any) a database "
                              "number. " + accepted)
+        options = urllib.parse.parse_qs(u.query)
+        if scheme == "redis" and any(k.startswith("ssl") for k in options):
+            raise ValueError("RESPONSES_STORE: ssl_* options need a rediss:// URL (TLS)")
+        from redis.asyncio.connection import parse_url  # only when Redis is asked for
+
+        try:
+            parse_url(spec)
+        except ValueError as e:  # its options, checked now rather than at the first request
+            raise ValueError(f"RESPONSES_STORE: {e}") from None
         return "redis", spec
     raise ValueError("RESPONSES_STORE: unknown store. " + accepted)
 

@@ -139,7 +139,7 @@ class RedisBackend(Backend):
             return await awaitable
         except RedisError as e:
             raise StoreUnavailable(f"Redis: {type(e).__name__}: {e}") from None
-        except OSError as e:
+        except (OSError, TypeError, ValueError) as e:  # also a connection option Redis's client refuses
             raise StoreUnavailable(f"Redis: {e}") from None
 
     def _limits(self) -> list:

@@ -6,6 +6,7 @@ vLLM engine; the Redis is a real `redis-server` started here on a loopback port.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -16,8 +17,9 @@ import psutil
 import pytest
 
 from support import MODEL, Proc, child_env, free_port, wait_healthy, wait_idle
-from support.stores import CONTRACT, RedisServer
+from support.stores import CONTRACT, RedisServer, records_owners_and_deletes
 from vllm_gateway.gateway.config import StoreSettings
+from vllm_gateway.gateway.core.errors import APIError
 from vllm_gateway.gateway.responses.store import ResponseStore
 
 FRANCE = "What is the capital of France?"
@@ -75,6 +77,21 @@ def test_redis_keeps_the_store_contract(contract, redis_server):
         return ResponseStore(s)
 
     contract(make, settings)
+
+
+def test_rediss_with_a_password_and_none_of_it_logged(run_dir, caplog):
+    server = RedisServer(run_dir, tls=True, password="s3cret-pw").start()
+    try:
+        settings = StoreSettings("redis", server.url, max_bytes=64 * 1024, max_count=10, ttl_s=60)
+        caplog.set_level("INFO")
+        records_owners_and_deletes(ResponseStore, settings)
+        assert "stored responses: redis at 127.0.0.1" in caplog.text and "s3cret" not in caplog.text
+        plain = dataclasses.replace(settings, location=server.url.replace("rediss://", "redis://").split("?")[0])
+        with pytest.raises(APIError) as e:  # the same server without TLS: a 503, the password in no message
+            records_owners_and_deletes(ResponseStore, plain)
+        assert e.value.status == 503 and "s3cret" not in e.value.message and "s3cret" not in caplog.text
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------- a restart

@@ -134,25 +134,58 @@ CONTRACT = (records_owners_and_deletes, bounds_never_evict_running, expiry_spare
 
 class RedisServer:
     """A real `redis-server` on a free loopback port, no persistence, stopped
-    with the test. `kill()` and `start()` again: a store that goes away."""
+    with the test. `kill()` and `start()` again: a store that goes away. With
+    `tls`, it speaks TLS only, with a certificate from a CA made here, and asks
+    for `password`."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, tls: bool = False, password: str | None = None) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed: deploy/install.sh installs it (as root)")
         self.port = free_port()
         self.log_dir = log_dir
+        self.tls = tls
+        self.password = password
         self.proc: subprocess.Popen | None = None
+        self.ca: Path | None = self._make_certificates() if tls else None
+
+    def _make_certificates(self) -> Path:
+        d = self.log_dir / f"redis-tls-{self.port}"
+        d.mkdir()
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+                "-keyout", "ca.key", "-out", "ca.crt")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+                "-out", "server.csr")
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+        return d
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            assert self.ca is not None
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca / 'ca.crt'}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         log = open(self.log_dir / f"redis-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.log_dir)], stdout=log, stderr=subprocess.STDOUT)
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.log_dir)]
+        if self.tls:
+            assert self.ca is not None
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.ca / "server.crt"),
+                     "--tls-key-file", str(self.ca / "server.key"), "--tls-ca-cert-file", str(self.ca / "ca.crt"),
+                     "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.ping():
@@ -163,13 +196,11 @@ class RedisServer:
         raise RuntimeError("redis-server did not answer within 20 s")
 
     def ping(self) -> bool:
-        import socket
+        import redis
 
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+        except (redis.RedisError, OSError):
             return False
 
     def kill(self) -> None:

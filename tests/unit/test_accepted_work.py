@@ -73,7 +73,8 @@ def test_an_unusable_sqlite_file_is_a_503_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["postgres://db/x", "redis://", "redis://host:70000", "redis://host/zero",
-                                  "sqlite:///", "memroy"])
+                                  "sqlite:///", "memroy", "redis://host/0?ssl_ca_certs=/ca.crt",
+                                  "redis://host/0?socket_timeout=soon"])
 def test_a_malformed_store_stops_the_start(spec):
     with pytest.raises(ValueError, match="RESPONSES_STORE"):
         GatewaySettings.from_env({"RESPONSES_STORE": spec})
