@@ -257,6 +257,32 @@ def vllm_args(env: Mapping[str, str], cli: list[str], parser: argparse.ArgumentP
     return vars(ns)
 
 
+def events_endpoint_for(endpoint: str, index: int) -> str:
+    """KV_EVENTS_CONFIG's endpoint for engine `index` of a box. vLLM's publisher
+    binds a wildcard or ipc endpoint and connects to any other: engines binding
+    get one each (tcp port + index, ipc path + `-index`; engine 0 keeps it as
+    given), engines connecting share the one subscriber they connect to."""
+    if index == 0 or not endpoint:
+        return endpoint
+    if endpoint.startswith("ipc://"):
+        return f"{endpoint}-{index}"
+    m = re.fullmatch(r"(tcp://(?:\*|\[::\]|::)):(\d+)", endpoint)
+    if m is not None and int(m.group(2)) != 0:
+        return f"{m.group(1)}:{int(m.group(2)) + index}"
+    return endpoint
+
+
+def kv_events_for_engine(config: Any, index: int) -> Any:
+    """vLLM's KV events config (as its parser made it) with this engine's endpoints."""
+    if config is None or index == 0:
+        return config
+    fields = {"endpoint": events_endpoint_for(getattr(config, "endpoint", "") or "", index)}
+    replay = getattr(config, "replay_endpoint", None)
+    if replay:
+        fields["replay_endpoint"] = events_endpoint_for(replay, index)
+    return dataclasses.replace(config, **fields) if dataclasses.is_dataclass(config) else config
+
+
 def redacted(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """For logging: never print a token."""
     return {k: ("***" if "token" in k else v) for k, v in kwargs.items()}

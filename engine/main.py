@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = engine_args.engine_kwargs(settings, server.supported_engine_args())
     kwargs.update(given)
     kwargs["served_model_name"] = served
+    if kwargs.get("kv_events_config") is not None:  # KV_EVENTS_CONFIG: one publisher endpoint per engine of a box
+        index = int(ns.engine_id) if str(ns.engine_id).isdigit() else 0
+        kwargs["kv_events_config"] = engine_args.kv_events_for_engine(kwargs["kv_events_config"], index)
     log.info("engine arguments: %s", engine_args.redacted(kwargs))
     config = server.EngineConfig(
         engine_args=kwargs,

@@ -67,7 +67,7 @@ GATEWAY_TIMEOUT_S = 10.0
 # How often load is pushed to every gateway while requests run (routing uses it).
 # An idle engine pushes nothing: its answers to the gateways' heartbeats (every
 # 0.5 s) carry its status, and an idle process is not woken ten times a second.
-STATUS_INTERVAL_S = 0.1
+STATUS_INTERVAL_S = 0.05  # while busy: routers scrape the load every 50 ms
 IDLE_CHECK_INTERVAL_S = 0.5
 METRICS_INTERVAL_S = 1.0
 
@@ -92,8 +92,10 @@ class Load:
     """The scheduler's latest numbers, for our load reports."""
 
     running: int = 0
-    waiting: int = 0
+    waiting: int = 0  # as vLLM's vllm:num_requests_waiting counts: waiting for capacity, and deferred
     kv_cache_usage: float = 0.0
+    running_lora_adapters: list[str] = dataclasses.field(default_factory=list)
+    waiting_lora_adapters: list[str] = dataclasses.field(default_factory=list)
 
 
 class _LoadRecorder(StatLoggerBase):
@@ -104,9 +106,12 @@ class _LoadRecorder(StatLoggerBase):
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         if scheduler_stats is not None:
-            self.load.running = scheduler_stats.num_running_reqs
-            self.load.waiting = scheduler_stats.num_waiting_reqs
-            self.load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            load = self.load
+            load.running = scheduler_stats.num_running_reqs
+            load.waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+            load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            load.running_lora_adapters = list(getattr(scheduler_stats, "running_lora_adapters", None) or ())
+            load.waiting_lora_adapters = list(getattr(scheduler_stats, "waiting_lora_adapters", None) or ())
 
     def log_engine_initialized(self) -> None:
         pass
@@ -140,6 +145,7 @@ class EngineServer:
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
         self.kv_cache_tokens = 0
+        self.block_size = self.num_gpu_blocks = self.max_loras = 0
         self.tokenizer: Any = None
         self.inputs: InputRenderer | None = None
         self.chat: ChatRenderer | None = None
@@ -152,7 +158,6 @@ class EngineServer:
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
         self.incompatible: set[bytes] = set()  # gateways of another protocol version
         self.metrics: dict[bytes, EngineMetrics] = {}  # per gateway: its requests only
-        self.stats: dict[str, RequestStats] = {}
         self._pending: dict[bytes, list[Delta]] = {}
         self._flush_scheduled = False
         self.progress = 0  # outputs vLLM has handed over, ever
@@ -179,7 +184,10 @@ class EngineServer:
         _lighten_output_path(self.llm)
         self.max_model_len = self.llm.model_config.max_model_len
         cache = self.llm.vllm_config.cache_config
-        self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
+        self.block_size, self.num_gpu_blocks = int(cache.block_size or 0), int(cache.num_gpu_blocks or 0)
+        self.kv_cache_tokens = self.num_gpu_blocks * self.block_size
+        lora = self.llm.vllm_config.lora_config
+        self.max_loras = int(lora.max_loras) if lora is not None else 0
         self.tokenizer = self.llm.get_tokenizer()
         self.chat = ChatRenderer(self.llm, self.config.chat)
         task = "embed" if self.llm.model_config.runner_type == "pooling" else "generate"
@@ -301,6 +309,11 @@ class EngineServer:
             vllm_version=VLLM_VERSION,
             models=self.models.info() if self.models is not None else [],
             kv_cache_tokens=self.kv_cache_tokens,
+            block_size=self.block_size,
+            num_gpu_blocks=self.num_gpu_blocks,
+            max_loras=self.max_loras,
+            running_lora_adapters=list(load.running_lora_adapters),
+            waiting_lora_adapters=list(load.waiting_lora_adapters),
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
@@ -315,15 +328,10 @@ class EngineServer:
         return m
 
     def _send_metrics(self) -> None:
-        kv = float(self.load.kv_cache_usage)
-        counts: dict[bytes, list[int]] = {ident: [0, 0] for ident in self.gateways}  # running, waiting
-        for rid, st in self.stats.items():
-            c = counts.get(self.owner.get(rid, b""))
-            if c is not None:
-                c[0 if st.started else 1] += 1
-        for ident, (running, waiting) in counts.items():
+        load = self.load
+        for ident in list(self.gateways):
             m = self._metrics_for(ident)
-            m.running, m.waiting, m.kv_cache_usage = running, waiting, kv
+            m.running, m.waiting, m.kv_cache_usage = int(load.running), int(load.waiting), float(load.kv_cache_usage)
             self._send(ident, m)
 
     async def _status_loop(self) -> None:
@@ -419,7 +427,7 @@ class EngineServer:
         step's output (see `Running`), so no task wakes per request per step."""
         rid = req.request_id
         assert self.llm is not None and self.inputs is not None
-        stats = self.stats[rid] = RequestStats(self._metrics_for(ident))
+        stats = RequestStats(self._metrics_for(ident))
         submitted = False
         try:
             assert self.models is not None
@@ -463,7 +471,6 @@ class EngineServer:
     def forget(self, rid: str) -> None:
         self.running.pop(rid, None)
         self.owner.pop(rid, None)
-        self.stats.pop(rid, None)
 
     def spawn(self, coro: Any) -> None:
         """Run `coro` in the background, keeping it referenced until it ends."""

@@ -25,10 +25,6 @@ class RequestStats:
         self.generated = 0
         self.prompt_tokens = 0
 
-    @property
-    def started(self) -> bool:
-        return self.outputs > 0
-
     def on_output(self, num_prompt_tokens: int, new_tokens: int, cached_tokens: int | None = 0) -> None:
         """`cached_tokens`: of the prompt, found in vLLM's prefix cache (read on the first output)."""
         now = time.monotonic()

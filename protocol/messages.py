@@ -326,6 +326,14 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     vllm_version: str = ""  # the engine's vLLM, for GET /version
     models: list[ModelInfo] = []  # what it serves: its model, and its LoRA adapters
     kv_cache_tokens: int = 0  # the KV cache's size in tokens (blocks x block size), for routing
+    # vLLM's cache config (for routers' prefix scoring: vllm:cache_config_info).
+    block_size: int = 0
+    num_gpu_blocks: int = 0
+    # With LoRA (vllm:lora_requests_info): the most adapters in a batch, and the
+    # adapters of the scheduler's running and waiting requests now.
+    max_loras: int = 0
+    running_lora_adapters: list[str] = []
+    waiting_lora_adapters: list[str] = []
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens, Embeddings, Done]

@@ -76,6 +76,8 @@ class EngineMetrics(msgspec.Struct, tag="metrics", array_like=True):
 
     engine_id: str
     model: str
+    # Superseded by EngineStatus's (the scheduler's, every 50 ms); kept in the
+    # wire's order: the same whole-engine numbers.
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # of the whole engine, 0..1

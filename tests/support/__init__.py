@@ -169,15 +169,21 @@ def wait_for(url: str, name: str, target: float, timeout: float = 10, **labels: 
 class Stream(threading.Thread):
     """One streamed completion, read to its end in a thread."""
 
-    def __init__(self, url: str, max_tokens: int, prompt: str = "Tell me a long story:") -> None:
+    def __init__(self, url: str, max_tokens: int, prompt: str = "Tell me a long story:", model: str = MODEL) -> None:
         super().__init__(daemon=True)
         self.url = url
-        self.body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+        self.body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
                      "stream": True, "ignore_eos": True}
         self.events: list[dict | str] = []
         self.error_at: float | None = None
         self.status = 0
+        self._closing = False
         self.start()
+
+    def close(self) -> None:
+        """Stop reading: the connection closes (the client goes away)."""
+        self._closing = True
+        self.join(30)
 
     def run(self) -> None:
         with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=300) as r:
@@ -190,6 +196,8 @@ class Stream(threading.Thread):
                 if isinstance(event, dict) and "error" in event and self.error_at is None:
                     self.error_at = time.monotonic()
                 self.events.append(event)
+                if self._closing:
+                    return
 
     @property
     def tokens(self) -> int:

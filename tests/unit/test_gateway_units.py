@@ -207,3 +207,39 @@ def test_an_engine_that_dies_before_it_was_ever_ready_is_a_start_failure(engine_
         assert failed.value.exit_code == command_code
     finally:
         engines.stop()
+
+
+def test_router_gauges_are_the_pods_first_then_each_engines():
+    """The first sample of each gauge a router reads sums the engines serving the
+    model; per-engine numbers live under vllm_gateway:engine_*; LoRA and cache
+    config as vLLM names them."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_gateway.gateway.metrics import LoadCollector
+
+    class _Engine:
+        def __init__(self, status: EngineStatus) -> None:
+            self.status, self.ready, self.endpoint, self.choices, self.metrics = status, True, "ipc://x", {}, None
+
+    def status(engine_id: str, running: int, waiting: int, kv: float, lora: list[str]) -> EngineStatus:
+        return EngineStatus(engine_id, "i", "ready", model="m", running=running, waiting=waiting, kv_cache_usage=kv,
+                            block_size=16, num_gpu_blocks=100 if engine_id == "0" else 300, max_loras=2,
+                            running_lora_adapters=lora)
+
+    class _Client:
+        engines = [_Engine(status("0", 3, 1, 0.5, ["a"])), _Engine(status("1", 2, 0, 0.1, ["b", "a"]))]
+
+    registry = CollectorRegistry()
+    registry.register(LoadCollector(lambda: _Client()))
+    first: dict = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            first.setdefault(sample.name, sample)
+    assert first["vllm:num_requests_running"].value == 5 and first["vllm:num_requests_waiting"].value == 1
+    assert first["vllm:num_requests_running"].labels == {"model_name": "m"}
+    assert first["vllm:kv_cache_usage_perc"].value == pytest.approx((0.5 * 100 + 0.1 * 300) / 400)
+    assert first["vllm:cache_config_info"].labels == {"model_name": "m", "block_size": "16", "num_gpu_blocks": "400"}
+    assert first["vllm:lora_requests_info"].labels["running_lora_adapters"] == "a,b"
+    assert first["vllm:lora_requests_info"].labels["max_lora"] == "2"
+    assert first["vllm_gateway:engine_requests_running"].labels == {"engine": "0", "model_name": "m"}
