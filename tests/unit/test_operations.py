@@ -76,3 +76,22 @@ def test_jobs_reach_the_table_and_answer_in_the_routes_shape():
     with pytest.raises(Exception) as e:
         asyncio.run(first({"route": "/v1/load_lora_adapter", "body": {}}))
     assert getattr(e.value, "status", None) == 404
+
+
+def test_probes_answer_as_the_manifests_use_them(tmp_path):
+    """No engine ready: readiness (/v1/models, as llm-d's guides use it) and
+    /health say 503; liveness (/metrics) answers, so a pod whose engines restart
+    is not killed."""
+    import httpx
+
+    app = build_app(GatewaySettings(engine_endpoints=[f"ipc://{tmp_path}/none"]), operations())
+
+    async def probe() -> dict[str, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pod") as c:
+            return {path: (await c.get(path)).status_code for path in ("/v1/models", "/health", "/metrics")}
+
+    try:
+        assert asyncio.run(probe()) == {"/v1/models": 503, "/health": 503, "/metrics": 200}
+    finally:
+        asyncio.run(app.state.ctx.client.close())
