@@ -3,8 +3,9 @@
 Names, buckets and meanings are vLLM's own Prometheus metrics (`vllm:...`), so
 that dashboards made for vLLM work unchanged. An engine keeps one `EngineMetrics`
 per gateway, counting only the requests that gateway sent: each gateway exposes its
-share, and sums over several gateways come out right. `kv_cache_usage` is the one
-whole-engine value (average it, do not sum it, across gateways).
+share, and sums over several gateways come out right. `running`, `waiting` and
+`kv_cache_usage` are whole-engine values, the scheduler's (gateways expose them
+from the more frequent `EngineStatus`).
 """
 
 from __future__ import annotations
