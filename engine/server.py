@@ -67,7 +67,7 @@ GATEWAY_TIMEOUT_S = 10.0
 # How often load is pushed to every gateway while requests run (routing uses it).
 # An idle engine pushes nothing: its answers to the gateways' heartbeats (every
 # 0.5 s) carry its status, and an idle process is not woken ten times a second.
-STATUS_INTERVAL_S = 0.05  # while busy: routers scrape the load every 50 ms
+STATUS_INTERVAL_S = 0.1  # while busy (routers scrape every 50 ms: at most one interval behind)
 IDLE_CHECK_INTERVAL_S = 0.5
 METRICS_INTERVAL_S = 1.0
 

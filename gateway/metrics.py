@@ -12,7 +12,7 @@ are the pod's truth, one sample per model: the Gateway API Inference Extension's
 endpoint picker and llm-d read the first sample of each name, so a per-engine
 first sample would show one engine's queue as the whole pod's. They are the
 engines' schedulers' own numbers (vLLM's meaning: running = in the batch,
-waiting = not yet scheduled), from the status every engine sends every 50 ms
+waiting = not yet scheduled), from the status every engine sends every 100 ms
 while busy. Per-engine detail is `vllm_gateway:engine_*{engine}`. The gateway's
 own metrics are `vllm_gateway:...`, and the process's `process_*` and `python_*`.
 """
@@ -150,7 +150,7 @@ class EngineCollector:
 
 
 class LoadCollector:
-    """What changes with every engine status (every 50 ms while busy) and every
+    """What changes with every engine status (every 100 ms while busy) and every
     request: the routers' gauges, engines up, routing decisions. Cheap, so
     rendered at every scrape."""
 
