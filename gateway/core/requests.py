@@ -16,17 +16,18 @@ import msgspec
 from msgspec import Meta, Struct
 
 from vllm_gateway.gateway.core.schema import (
-    MAX_LOGIT_BIAS,
     MAX_MESSAGES,
-    MAX_STOP,
-    MAX_STOP_TOKEN_IDS,
     ChoiceCount,
+    LogitBias,
     NonNegFloat,
     Penalty,
     Probability,
+    RepetitionPenalty,
     Seed,
+    StopStrings,
+    StopTokenIds,
     TokenCount,
-    TokenId,
+    TopK,
     TopLogprobs,
 )
 
@@ -91,26 +92,24 @@ class Sampling(Constraints, kw_only=True):
     best_of: ChoiceCount | None = None
     temperature: NonNegFloat | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     length_penalty: float = 1.0
     use_beam_search: bool = False
     early_stopping: bool | str = False
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    stop: str | StopStrings | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     max_tokens: TokenCount | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: Annotated[
-        dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)
-    ] | None = None
+    logit_bias: LogitBias | None = None
 
 
 class SamplingFields(Sampling, kw_only=True):

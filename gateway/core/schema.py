@@ -31,6 +31,13 @@ MAX_STOP_TOKEN_IDS = 4096
 MAX_LOGIT_BIAS = 2048
 MAX_MESSAGES = 4096
 
+# vLLM's sampling fields, typed once: chat, completions, RunPod and Responses take them.
+TopK = Annotated[int, Meta(ge=-1)]  # -1 (or 0): no top-k
+RepetitionPenalty = Annotated[float, Meta(gt=0.0)]
+StopStrings = Annotated[list[str], Meta(max_length=MAX_STOP)]
+StopTokenIds = Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)]
+LogitBias = Annotated[dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)]
+
 
 class ErrorInfo(Struct):
     message: str

@@ -13,15 +13,16 @@ from msgspec import Meta, Struct
 from vllm_gateway.gateway.core.answer import OutputLogprob
 from vllm_gateway.gateway.core.requests import StructuredOutputsParam
 from vllm_gateway.gateway.core.schema import (
-    MAX_LOGIT_BIAS,
-    MAX_STOP,
-    MAX_STOP_TOKEN_IDS,
+    LogitBias,
     NonNegFloat,
     Penalty,
     Probability,
+    RepetitionPenalty,
     Seed,
+    StopStrings,
+    StopTokenIds,
     TokenCount,
-    TokenId,
+    TopK,
     TopLogprobs,
 )
 
@@ -88,18 +89,16 @@ class ResponsesRequest(Struct, kw_only=True):
     include: list[str] | None = None
     top_logprobs: TopLogprobs | None = None
     # vLLM's own ResponsesRequest fields: applied as the chat route applies them.
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    stop: str | StopStrings | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
-    logit_bias: Annotated[
-        dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)
-    ] | None = None
+    logit_bias: LogitBias | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParam | None = None
