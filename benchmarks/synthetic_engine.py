@@ -63,23 +63,25 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
     instance = uuid.uuid4().hex[:12]
     running: dict[str, Request] = {}
     gateways: set[bytes] = set()
+    received: dict[bytes, int] = {}  # Generates taken from each gateway
 
-    def status() -> bytes:
+    def status(ident: bytes) -> bytes:
         return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, len(running), 0, 0.0, pid=os.getpid(),
-                                   protocol_version=PROTOCOL_VERSION))
+                                   protocol_version=PROTOCOL_VERSION, received=received.get(ident, 0)))
 
     async def receive() -> None:
         while True:
             ident, payload = await sock.recv_multipart()
             msg = decode_gateway_message(payload)
             if isinstance(msg, Generate):
+                received[ident] = received.get(ident, 0) + 1
                 running[msg.request_id] = Request(msg.request_id, ident, msg.params.max_tokens or 16, msg.params.n)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     running.pop(rid, None)
             elif isinstance(msg, Hello):
                 gateways.add(ident)
-                await sock.send_multipart([ident, status()])
+                await sock.send_multipart([ident, status(ident)])
 
     async def steps() -> None:
         token_ids = list(range(100, 100 + tokens_per_step))
@@ -106,9 +108,8 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
                 await sock.send_multipart([ident, encode(Outputs(deltas))])
             if started >= next_status:
                 next_status = started + 0.1
-                s = status()
                 for ident in gateways:
-                    await sock.send_multipart([ident, s])
+                    await sock.send_multipart([ident, status(ident)])
             await asyncio.sleep(max(0.0, step_s - (time.monotonic() - started)))
 
     await asyncio.gather(receive(), steps())

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from vllm import __version__ as VLLM_VERSION
@@ -97,6 +98,14 @@ class Load:
     running_lora_adapters: list[str] = dataclasses.field(default_factory=list)
     waiting_lora_adapters: list[str] = dataclasses.field(default_factory=list)
 
+    def now(self, in_engine: int) -> tuple[int, int]:
+        """Running and waiting with `in_engine` requests here now: the scheduler's
+        numbers are as of its last step, and miss the requests that came since
+        (they wait for its next one). Those that ended since still count until
+        that step: a moment's over-estimate, never an under-estimate."""
+        running, waiting = int(self.running), int(self.waiting)
+        return running, waiting + max(0, in_engine - running - waiting)
+
 
 class _LoadRecorder(StatLoggerBase):
     """A vLLM stat logger that writes the scheduler's numbers into its server's `Load`."""
@@ -155,6 +164,13 @@ class EngineServer:
         self.running: dict[str, Running] = {}  # generations in vLLM
         self._background: set[asyncio.Future] = set()
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
+        # Generations here (taken, being set up or in vLLM): request id -> its n,
+        # as vLLM's scheduler counts each sample; and their sum.
+        self.generations: dict[str, int] = {}
+        self.in_engine = 0
+        # Generates taken from each gateway, ever (kept when a gateway is
+        # forgotten: one that comes back counts on from there).
+        self.received: dict[bytes, int] = {}
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
         self.incompatible: set[bytes] = set()  # gateways of another protocol version
         self.metrics: dict[bytes, EngineMetrics] = {}  # per gateway: its requests only
@@ -280,19 +296,24 @@ class EngineServer:
         elif ident not in self.gateways:
             log.info("gateway %s connected", msg.gateway_id)
         self.gateways[ident] = time.monotonic()
-        self._send(ident, self._status())
+        self._send(ident, self._status(ident=ident))
 
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
+        self.received[ident] = self.received.get(ident, 0) + 1
         if rid in self.tasks or rid in self.running:
             self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
             return
         self.gateways.setdefault(ident, time.monotonic())
         self.owner[rid] = ident
+        n = self.generations[rid] = max(1, req.params.n)
+        self.in_engine += n
         self.tasks[rid] = asyncio.create_task(self._generate(ident, req))
 
-    def _status(self, state: str = "ready") -> EngineStatus:
+    def _status(self, state: str = "ready", ident: bytes | None = None) -> EngineStatus:
+        """The status for the gateway `ident` (its `received`); for all, see `_broadcast_status`."""
         load = self.load
+        running, waiting = load.now(self.in_engine)
         if self.stalled or (self.llm is not None and self.llm.errored):
             state = "failed"
         return EngineStatus(
@@ -301,8 +322,8 @@ class EngineServer:
             state=state,  # type: ignore[arg-type]
             model=self.config.served_model_name,
             max_model_len=self.max_model_len,
-            running=int(load.running),
-            waiting=int(load.waiting),
+            running=running,
+            waiting=waiting,
             kv_cache_usage=float(load.kv_cache_usage),
             pid=os.getpid(),
             protocol_version=PROTOCOL_VERSION,
@@ -314,12 +335,14 @@ class EngineServer:
             max_loras=self.max_loras,
             running_lora_adapters=list(load.running_lora_adapters),
             waiting_lora_adapters=list(load.waiting_lora_adapters),
+            received=self.received.get(ident, 0) if ident is not None else 0,
         )
 
     def _broadcast_status(self, state: str = "ready") -> None:
         status = self._status(state)
+        received = self.received
         for ident in list(self.gateways):
-            self._send(ident, status)
+            self._send(ident, msgspec.structs.replace(status, received=received.get(ident, 0)))
 
     def _metrics_for(self, ident: bytes) -> EngineMetrics:
         m = self.metrics.get(ident)
@@ -329,9 +352,10 @@ class EngineServer:
 
     def _send_metrics(self) -> None:
         load = self.load
+        running, waiting = load.now(self.in_engine)
         for ident in list(self.gateways):
             m = self._metrics_for(ident)
-            m.running, m.waiting, m.kv_cache_usage = int(load.running), int(load.waiting), float(load.kv_cache_usage)
+            m.running, m.waiting, m.kv_cache_usage = running, waiting, float(load.kv_cache_usage)
             self._send(ident, m)
 
     async def _status_loop(self) -> None:
@@ -471,6 +495,7 @@ class EngineServer:
     def forget(self, rid: str) -> None:
         self.running.pop(rid, None)
         self.owner.pop(rid, None)
+        self.in_engine -= self.generations.pop(rid, 0)
 
     def spawn(self, coro: Any) -> None:
         """Run `coro` in the background, keeping it referenced until it ends."""

@@ -31,8 +31,11 @@ from vllm_gateway.protocol.metrics import EngineMetrics
 #    deltas, tokenize/detokenize. A version-2 engine would ignore a constraint it
 #    does not know and answer unconstrained: hence a new version, not just fields;
 # 4: models (LoRA adapters, embedding models) named in requests and reported in
-#    status, embeddings, adapters loaded at run time.
-PROTOCOL_VERSION = 4
+#    status, embeddings, adapters loaded at run time;
+# 5: a status counts the requests its gateway sent that the engine has taken
+#    (`EngineStatus.received`); a gateway counts the rest as load of its own,
+#    which a version-4 engine's status (no count) would wipe out.
+PROTOCOL_VERSION = 5
 
 # --------------------------------------------------------------------------- prompt
 
@@ -317,6 +320,8 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     state: EngineState
     model: str = ""
     max_model_len: int = 0
+    # Requests in the engine now, split as vLLM's scheduler last counted them;
+    # those that arrived since its last step count as waiting.
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
@@ -334,6 +339,10 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     max_loras: int = 0
     running_lora_adapters: list[str] = []
     waiting_lora_adapters: list[str] = []
+    # `Generate`s taken from the gateway this status goes to, ever (this engine
+    # life). They are in `running` + `waiting`; what the gateway sent beyond
+    # them is on its way, and the gateway counts it as load itself.
+    received: int = 0
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens, Embeddings, Done]

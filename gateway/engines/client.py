@@ -97,8 +97,11 @@ class EngineConnection:
         self.last_seen = 0.0
         # Requests in flight on this engine: streams, and the one-answer requests.
         self.streams: dict[str, RequestStream | Reply] = {}
-        # Requests sent since the engine's last report: counted in routing so a
-        # burst spreads over engines before their reports catch up.
+        # Generates sent to this engine's life, and those its latest report had
+        # not taken yet (counted in routing, so that a burst spreads over engines
+        # before their reports catch up, and a report that crossed a request on
+        # the wire does not make the engine look emptier than it is).
+        self.sent = 0
         self.unreported = 0
         self.routed = 0  # requests sent to this engine, ever
         self.choices: dict[str, int] = {}  # routing decisions that chose it, by reason
@@ -107,6 +110,7 @@ class EngineConnection:
         self.incompatible = ""  # the instance of an engine of another protocol version, logged once
         self.replayed: set[str] = set()  # run-time adapters sent to this engine life
         self.error: str | None = None  # why it cannot be reached (a failed CURVE handshake), until it answers
+        self.silent = False  # judged silent (out of routing), until it answers
 
     @property
     def ready(self) -> bool:
@@ -246,6 +250,7 @@ class EngineClient:
         for r, frame in zip(requests, frames):
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)
+        engine.sent += len(requests)
         engine.unreported += len(requests)
         engine.routed += len(requests)
         return stream
@@ -403,16 +408,20 @@ class EngineClient:
             engine.record.clear()  # a new process: its KV cache is empty
         if previous is None or previous.instance != status.instance:
             engine.replayed = set()
+            engine.sent = status.received  # a new life counts from its first report
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
             engine.record.resize(status.kv_cache_tokens)
         if status.state != "ready" and engine.streams:
             self._fail_all(engine, f"the engine is {status.state}")
         if previous is None or previous.state != status.state or previous.instance != status.instance:
             log.info("engine %s at %s is %s (model %s)", status.engine_id, engine.endpoint, status.state, status.model)
+        if engine.silent:
+            engine.silent = False
+            log.info("engine %s at %s answers again", status.engine_id, engine.endpoint)
         engine.status = status
         engine.error = None
         engine.last_seen = time.monotonic()
-        engine.unreported = 0
+        engine.unreported = max(0, engine.sent - status.received)
         if status.state == "ready" and self.adapters:
             self._replay_adapters(engine)
 
@@ -446,11 +455,17 @@ class EngineClient:
             # wait unread too, and an engine is not judged silent for that.
             lag = max(0.0, now - due)
             for e in self.engines:
-                if e.status is not None and e.streams and now - e.last_seen > e.timeout_s + lag:
-                    log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint, len(e.streams))
-                    # Aborted too: should the engine come back, it stops them at once.
-                    e.send(Abort(list(e.streams)))
-                    self._fail_all(e, "the engine stopped answering")
+                if e.status is not None and now - e.last_seen > e.timeout_s + lag:
+                    if e.streams:
+                        log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint,
+                                  len(e.streams))
+                        # Aborted too: should the engine come back, it stops them at once.
+                        e.send(Abort(list(e.streams)))
+                        self._fail_all(e, "the engine stopped answering")
+                    elif not e.silent:
+                        log.warning("engine at %s silent for %.1f s: not routing to it until it answers",
+                                    e.endpoint, now - e.last_seen)
+                    e.silent = True
                 e.send(hello)
             due = time.monotonic() + HEARTBEAT_S
             await asyncio.sleep(HEARTBEAT_S)

@@ -44,7 +44,9 @@ def test_the_cap_in_front_of_a_real_engine(engine_endpoint, run_dir, gateway_url
     try:
         wait_healthy(url, [proc], 60)
         long = Stream(url, 400)
-        wait_until(lambda: health(url)[1]["engines"][0]["in_flight"] == 1, 60, "the stream under way", proc)
+        wait_until(lambda: not long.is_alive() or health(url)[1]["engines"][0]["in_flight"] == 1, 60,
+                   "the stream under way", proc)
+        assert long.is_alive(), long
         r = httpx.post(url + "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, timeout=10)
         assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text

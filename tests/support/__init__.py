@@ -177,8 +177,17 @@ class Stream(threading.Thread):
         self.events: list[dict | str] = []
         self.error_at: float | None = None
         self.status = 0
+        self.refusal = ""  # the body of an answer other than 200
+        self.exc: BaseException | None = None  # what the client raised
+        self.started = time.monotonic()
+        self.first_at: float | None = None  # the first token's arrival
         self._closing = False
         self.start()
+
+    def __repr__(self) -> str:
+        first = f"{self.first_at - self.started:.2f} s" if self.first_at else "none"
+        return (f"<Stream status={self.status} tokens={self.tokens} first token after {first} "
+                f"last={self.events[-2:]} refusal={self.refusal[:300]!r} exc={self.exc!r}>")
 
     def close(self) -> None:
         """Stop reading: the connection closes (the client goes away)."""
@@ -186,8 +195,17 @@ class Stream(threading.Thread):
         self.join(30)
 
     def run(self) -> None:
+        try:
+            self._read()
+        except BaseException as e:  # noqa: BLE001 - kept for the test's message
+            self.exc = e
+
+    def _read(self) -> None:
         with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=300) as r:
             self.status = r.status_code
+            if r.status_code != 200:
+                self.refusal = r.read().decode(errors="replace")
+                return
             for line in r.iter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -195,6 +213,8 @@ class Stream(threading.Thread):
                 event = data if data == "[DONE]" else json.loads(data)
                 if isinstance(event, dict) and "error" in event and self.error_at is None:
                     self.error_at = time.monotonic()
+                if self.first_at is None and isinstance(event, dict) and event.get("choices"):
+                    self.first_at = time.monotonic()
                 self.events.append(event)
                 if self._closing:
                     return
@@ -211,6 +231,11 @@ class Stream(threading.Thread):
     @property
     def failed(self) -> bool:
         return self.error_at is not None and self.events[-1] == "[DONE]"
+
+    @property
+    def under_way(self) -> bool:
+        """Tokens coming, not yet ended."""
+        return self.is_alive() and self.tokens > 0
 
 
 def health(url: str) -> tuple[int, dict]:

@@ -93,8 +93,9 @@ def test_completion_echo_offsets_and_prompt_indexes():
 # ------------------------------------------------------- routing and restarts
 
 
-def status(instance: str = "i1", running: int = 0, state: str = "ready") -> EngineStatus:
-    return EngineStatus("0", instance, state, "m", 64, running=running, protocol_version=PROTOCOL_VERSION)
+def status(instance: str = "i1", running: int = 0, state: str = "ready", received: int = 0) -> EngineStatus:
+    return EngineStatus("0", instance, state, "m", 64, running=running, protocol_version=PROTOCOL_VERSION,
+                        received=received)
 
 
 def gen(rid: str) -> Generate:
@@ -122,9 +123,22 @@ def test_least_loaded_routing_spreads_a_burst(tmp_path):
         assert idx[:2] == [1, 1] or idx[:3].count(1) >= 2
         loads = [e.load for e in client.engines]
         assert max(loads) - min(loads) <= 1, loads
-        # a new report resets what was counted
-        client._on_status(client.engines[1], status(running=6))
-        assert client.engines[1].unreported == 0
+        # a report counts what it took: the rest stays counted by the gateway
+        e = client.engines[1]
+        sent = e.sent
+        client._on_status(e, status(running=sent, received=sent))
+        assert e.unreported == 0 and e.load == sent
+        # a report that crossed requests on the wire (sent before it took them)
+        # does not make the engine look emptier than it is
+        for i in range(2):
+            client.submit([gen(f"late-{i}")])
+        for engine in client.engines:
+            before = engine.load
+            client._on_status(engine, status(running=engine.status.running, received=engine.status.received))
+            assert engine.load == before, (before, engine.load)
+        # a new engine life counts from its first report
+        client._on_status(e, status(instance="i2", received=0))
+        assert e.unreported == 0 and e.load == 0
 
     with_client(tmp_path, 3, body)
 
