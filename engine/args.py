@@ -76,7 +76,8 @@ class Setting:
     engine_arg: str | None  # None: used by this package, not passed to vLLM
     parse: Callable[[str], Any] = str
     help: str = ""
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # more flags
+    also: tuple[str, ...] = ()  # more variables (read when the main one is unset)
 
     @property
     def flag(self) -> str:
@@ -95,7 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEED", "seed", int),
     Setting("KV_CACHE_DTYPE", "kv_cache_dtype"),
     Setting("DTYPE", "dtype"),
-    Setting("TOKENIZER_NAME", "tokenizer", aliases=("--tokenizer",)),
+    Setting("TOKENIZER_NAME", "tokenizer", aliases=("--tokenizer",), also=("TOKENIZER",),
+            help="tokenizer repo or path, when not the model's (worker-vllm's TOKENIZER too)"),
     Setting("TOKENIZER_REVISION", "tokenizer_revision"),
     Setting("CUSTOM_CHAT_TEMPLATE", None, help="Jinja chat template replacing the model's"),
     Setting("GPU_MEMORY_UTILIZATION", "gpu_memory_utilization", float),
@@ -132,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None, parse_bool, help="adapters loaded and unloaded at run time "
             "(vLLM's switch; the engine enforces it, whoever asks)"),
     Setting("LORA_ROOT", None, help="run-time adapters only from inside this folder"),
+    Setting("VLLM_CONFIG_FILE", None, help="a YAML file of vLLM engine arguments, as `vllm serve --config` "
+            "reads; variables and flags win over it"),
     Setting("ENGINE_STALL_TIMEOUT_S", None, float, help="requests running and vLLM silent this long: the engine "
             "is stuck, fails them and exits to be replaced (default 180; 0: never)"),
 )
@@ -170,8 +174,9 @@ def collect(env: Mapping[str, str], cli: Mapping[str, str | None] | None = None)
     out: dict[str, Any] = {}
     for s in SETTINGS:
         raw = (cli or {}).get(s.env)
-        if raw is None:
-            raw = env.get(s.env)
+        for var in (s.env, *s.also):
+            if raw is None or raw == "":
+                raw = env.get(var)
         if raw is None or raw == "":
             continue
         try:
@@ -255,6 +260,17 @@ def vllm_args(env: Mapping[str, str], cli: list[str], parser: argparse.ArgumentP
         where = "VLLM_EXTRA_ARGS or the command line" if extra or cli else "engine arguments"
         raise ValueError(f"{where}: {message}") from None
     return vars(ns)
+
+
+def config_file_args(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The engine arguments of a YAML file (VLLM_CONFIG_FILE), read by vLLM's own
+    parser as `vllm serve --config` reads it."""
+    try:
+        return vllm_args({}, ["--config", path], parser)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"VLLM_CONFIG_FILE={path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - YAML's own errors
+        raise ValueError(f"VLLM_CONFIG_FILE={path!r}: not readable as YAML: {e}") from None
 
 
 def events_endpoint_for(endpoint: str, index: int) -> str:

@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         given = engine_args.vllm_args(os.environ, vllm_argv, server.engine_arg_parser())
-        chat = chat_settings(settings, given.get("reasoning_parser"))
+        from_file = {}
+        if settings.get("VLLM_CONFIG_FILE"):
+            from_file = engine_args.config_file_args(settings["VLLM_CONFIG_FILE"], server.engine_arg_parser())
+            if "MODEL_NAME" not in settings and from_file.get("model"):
+                settings["MODEL_NAME"] = from_file["model"]
+        chosen = {**from_file, **given}
+        chat = chat_settings(settings, chosen.get("reasoning_parser"))
     except (ValueError, OSError) as e:
         log.error("bad setting: %s", e)
         return 2
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         log.info("default for this machine: %s", choice)
     served = (settings.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE") or settings.get("SERVED_MODEL_NAME")
-              or (given.get("served_model_name") or [None])[0])
+              or (chosen.get("served_model_name") or [None])[0])
     embedding = settings.get("ENGINE_TASK", "generate") == "embed"
     if settings.get("ENGINE_TASK", "generate") not in ("generate", "embed"):
         log.error("bad setting: ENGINE_TASK=%r: use generate or embed", settings["ENGINE_TASK"])
@@ -80,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if embedding:
         given.setdefault("runner", "pooling")
 
-    kwargs = engine_args.engine_kwargs(settings, server.supported_engine_args())
-    kwargs.update(given)
+    # The file first: every variable and flag wins over it.
+    kwargs = {**from_file, **engine_args.engine_kwargs(settings, server.supported_engine_args()), **given}
     kwargs["served_model_name"] = served
     if kwargs.get("kv_events_config") is not None:  # KV_EVENTS_CONFIG: one publisher endpoint per engine of a box
         index = int(ns.engine_id) if str(ns.engine_id).isdigit() else 0

@@ -155,3 +155,98 @@ def test_lora_modules_in_both_forms():
             parse_lora_modules(bad)
     with pytest.raises(ValueError, match="LORA_MODULES"):
         collect({"LORA_MODULES": "nonsense"})
+
+
+def test_worker_vllm_tokenizer_variable():
+    """worker-vllm's TOKENIZER names the tokenizer as TOKENIZER_NAME does; TOKENIZER_NAME wins."""
+    assert engine_kwargs(collect({"TOKENIZER": "org/t"}), SUPPORTED)["tokenizer"] == "org/t"
+    assert engine_kwargs(collect({"TOKENIZER": "org/t", "TOKENIZER_NAME": "org/u"}), SUPPORTED)["tokenizer"] == "org/u"
+
+
+def test_vllm_config_file_under_variables_and_flags(vllm_parser, tmp_path):
+    """VLLM_CONFIG_FILE: vLLM's own YAML config (`vllm serve --config`), read by its
+    parser; whatever a variable or flag sets wins over the file."""
+    from vllm_gateway.engine.args import config_file_args, vllm_args
+
+    path = tmp_path / "engine.yaml"
+    path.write_text("max-num-seqs: 12\nblock-size: 32\nreasoning-parser: qwen3\nlong-prefill-token-threshold: 100\n"
+                    "speculative-config:\n  method: ngram\n  num_speculative_tokens: 2\n  prompt_lookup_max: 3\n")
+    from_file = config_file_args(str(path), vllm_parser())
+    assert from_file["max_num_seqs"] == 12 and from_file["block_size"] == 32
+    assert from_file["reasoning_parser"] == "qwen3" and from_file["speculative_config"]["num_speculative_tokens"] == 2
+    given = vllm_args({"LONG_PREFILL_TOKEN_THRESHOLD": "200", "VLLM_EXTRA_ARGS": "--block-size 64"}, [], vllm_parser())
+    settings = collect({"VLLM_CONFIG_FILE": str(path), "MAX_NUM_SEQS": "3"})
+    merged = {**from_file, **engine_kwargs(settings, SUPPORTED), **given}  # as engine/main.py merges them
+    assert merged["max_num_seqs"] == 3 and merged["block_size"] == 64 and merged["long_prefill_token_threshold"] == 200
+
+    with pytest.raises(ValueError, match=r"^VLLM_CONFIG_FILE="):
+        config_file_args(str(tmp_path / "missing.yaml"), vllm_parser())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduling-policy: random\n")
+    with pytest.raises(ValueError, match=r"^VLLM_CONFIG_FILE=.*invalid choice"):
+        config_file_args(str(bad), vllm_parser())
+
+
+def test_hub_json_in_the_hubs_conventions_and_read_by_the_code(vllm_parser):
+    """.runpod/hub.json: MODEL_NAME required, of the Hugging Face type; every other
+    field advanced; readable titles; enumerations as options, each one vLLM (or
+    this gateway) accepts; and no field the code does not read."""
+    import json
+    import re
+    import typing
+
+    from support import ROOT
+    from vllm_gateway.engine.args import NOT_FROM_ENV, SETTINGS
+
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    config = hub["config"]
+    assert hub["type"] == "serverless" and config["runsOn"] == "GPU"
+    assert config["gpuIds"] and config["allowedCudaVersions"] and config["gpuCount"] >= 1
+    env = config["env"]
+    keys = [e["key"] for e in env]
+    assert len(keys) == len(set(keys)), "a field offered twice"
+    first = env[0]
+    assert first["key"] == "MODEL_NAME" and first["input"]["type"] == "huggingface" and first["input"]["required"]
+    for e in env[1:]:
+        assert e["input"].get("advanced") is True, e["key"]
+    for e in env:
+        inp = e["input"]
+        assert inp["type"] in ("huggingface", "string", "number", "boolean"), e
+        assert inp["description"].strip() and inp["name"].strip(), e
+        assert not re.search(r"\b(Hf|Gpu|Kv|Lora|Openai|Vllm|Len|Num|Seqs)\b", inp["name"]), inp["name"]
+        if "options" in inp:
+            assert inp.get("default") is None or inp["default"] in [o["value"] for o in inp["options"]], e
+
+    # read by the code: a setting of ours, a variable the gateway reads, or a vLLM
+    # engine argument (read from its upper-snake-case variable)
+    ours = {s.env for s in SETTINGS} | {v for s in SETTINGS for v in s.also}
+    source = "\n".join(p.read_text() for d in ("gateway", "engine") for p in (ROOT / d).rglob("*.py"))
+    gateway_reads = set(re.findall(r'(?:_env\(env, |get\(|getenv\()"([A-Z][A-Z0-9_]+)"', source))
+    engine_args = {a.dest.upper() for a in vllm_parser()._actions if a.option_strings and a.dest not in NOT_FROM_ENV}
+    unread = [k for k in keys if k not in ours | gateway_reads | engine_args]
+    assert not unread, f"hub.json offers settings nothing reads: {unread}"
+
+    # enumerations: what vLLM accepts
+    from vllm.config.cache import CacheDType
+    from vllm.config.model import ModelDType
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.model_executor.model_loader import LoadFormats
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    def registered(manager) -> set[str]:
+        return set(manager.list_registered()) if hasattr(manager, "list_registered") else set(
+            getattr(manager, "tool_parsers", None) or getattr(manager, "reasoning_parsers", {}))
+
+    accepted = {
+        "DTYPE": set(typing.get_args(ModelDType)), "KV_CACHE_DTYPE": set(typing.get_args(CacheDType)),
+        "LOAD_FORMAT": set(typing.get_args(LoadFormats)), "QUANTIZATION": set(QUANTIZATION_METHODS),
+        "TOOL_CALL_PARSER": registered(ToolParserManager), "REASONING_PARSER": registered(ReasoningParserManager),
+        "DISTRIBUTED_EXECUTOR_BACKEND": {"mp", "ray", "uni", "external_launcher"},
+        "CHAT_TEMPLATE_CONTENT_FORMAT": {"auto", "string", "openai"},
+        "ENGINE_TASK": {"generate", "embed"}, "ROUTING": {"prefix", "least_loaded"},
+    }
+    with_options = {e["key"]: [o["value"] for o in e["input"]["options"]] for e in env if "options" in e["input"]}
+    assert set(accepted) == set(with_options), "an enumeration without options, or options without a check"
+    for key, values in with_options.items():
+        assert set(values) <= accepted[key], (key, set(values) - accepted[key])
