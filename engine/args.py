@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None, parse_bool, help="adapters loaded and unloaded at run time "
             "(vLLM's switch; the engine enforces it, whoever asks)"),
     Setting("LORA_ROOT", None, help="run-time adapters only from inside this folder"),
+    Setting("ENGINE_DRAIN_TIMEOUT_S", None, float, help="on SIGTERM, requests running may finish this long "
+            "(the gateways route new ones elsewhere meanwhile; default 30; 0: stop at once)"),
     Setting("VLLM_CONFIG_FILE", None, help="a YAML file of vLLM engine arguments, as `vllm serve --config` "
             "reads; variables and flags win over it"),
     Setting("ENGINE_STALL_TIMEOUT_S", None, float, help="requests running and vLLM silent this long: the engine "

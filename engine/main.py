@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime_lora=bool(settings.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False)),
         lora_root=settings.get("LORA_ROOT") or None,
         stall_timeout_s=settings.get("ENGINE_STALL_TIMEOUT_S", server.EngineConfig.stall_timeout_s),
+        drain_timeout_s=settings.get("ENGINE_DRAIN_TIMEOUT_S", server.EngineConfig.drain_timeout_s),
         keys=keys,
     )
     return server.serve(config)

@@ -38,6 +38,7 @@ from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
 from vllm_gateway.engine.running import Running
 from vllm_gateway.engine.stats import RequestStats
+from vllm_gateway.protocol.endpoints import make_ipc_folder
 from vllm_gateway.protocol.metrics import EngineMetrics
 from vllm_gateway.protocol.transport import ServerKeys, secure_server
 from vllm_gateway.protocol.messages import (
@@ -86,6 +87,8 @@ class EngineConfig:
     keys: ServerKeys | None = None  # CURVE, for tcp:// beyond loopback
     # ENGINE_STALL_TIMEOUT_S: requests running and vLLM silent this long: stuck (0: never).
     stall_timeout_s: float = 180.0
+    # ENGINE_DRAIN_TIMEOUT_S: on SIGTERM, running requests may finish this long.
+    drain_timeout_s: float = 30.0
 
 
 @dataclasses.dataclass
@@ -180,6 +183,7 @@ class EngineServer:
         self._progress_seen = 0
         self.last_progress = time.monotonic()  # when vLLM last handed one over (or had nothing to do)
         self.stalled = False
+        self.draining = False  # stopping once the requests running are done (_on_stop_signal)
         self._stopping = asyncio.Event()
         # What each gateway message does (one handler per message type).
         self._handlers: dict[type, Any] = {
@@ -230,12 +234,13 @@ class EngineServer:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
         auth = secure_server(self.sock, self.config.keys)
+        make_ipc_folder(self.config.endpoint)
         self.sock.bind(self.config.endpoint)
         log.info("engine %s listening on %s", self.config.engine_id, self.config.endpoint)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._on_stop_signal)
         workers = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._status_loop())]
         await self._stopping.wait()
         log.info("engine %s stopping", self.config.engine_id)
@@ -301,6 +306,9 @@ class EngineServer:
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
         self.received[ident] = self.received.get(ident, 0) + 1
+        if self.draining:  # sent before its gateway learnt of the drain: the client gets a 503 to retry
+            self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine is stopping"))
+            return
         if rid in self.tasks or rid in self.running:
             self._send(ident, RequestFailed(rid, FailureKind.BAD_REQUEST, f"duplicate request id {rid}"))
             return
@@ -316,6 +324,8 @@ class EngineServer:
         running, waiting = load.now(self.in_engine)
         if self.stalled or (self.llm is not None and self.llm.errored):
             state = "failed"
+        elif self.draining and state == "ready":
+            state = "draining"
         return EngineStatus(
             engine_id=self.config.engine_id,
             instance=self.instance,
@@ -388,6 +398,29 @@ class EngineServer:
             was_busy, busy = busy, bool(self.tasks or self.running)
             if busy or was_busy:  # once more after the last request: its end shows at once
                 self._broadcast_status()
+
+    def _on_stop_signal(self) -> None:
+        """The first SIGTERM drains: the gateways stop routing here and keep the
+        requests running, which may finish for ENGINE_DRAIN_TIMEOUT_S; then (or
+        at a second signal, or at once with nothing running) the engine stops.
+        Whatever order a supervisor stops a box in, work under way ends done."""
+        if self.draining or self._stopping.is_set() or not (self.tasks or self.running) \
+                or self.config.drain_timeout_s <= 0:
+            self._stopping.set()
+            return
+        self.draining = True
+        log.info("engine %s draining: %d request(s) running, up to %.0f s", self.config.engine_id,
+                 len(self.tasks) + len(self.running), self.config.drain_timeout_s)
+        self._broadcast_status()
+        self.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while (self.tasks or self.running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.tasks or self.running:
+            log.warning("drain time over; %d request(s) still running are cut off", len(self.tasks) + len(self.running))
+        self._stopping.set()
 
     def _stall(self, silent_s: float) -> None:
         """vLLM has requests and has produced nothing for ENGINE_STALL_TIMEOUT_S

@@ -205,6 +205,9 @@ class GatewaySettings(ServingSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # A second port answering the same (RunPod load-balancing endpoints ping
+    # PORT_HEALTH); 0 or `port`: none.
+    health_port: int = 0
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout_s: float = 30  # a request body must arrive within this
     # Stream batching: 0 writes each engine step as it comes; N > 0 at most one
@@ -228,6 +231,7 @@ class GatewaySettings(ServingSettings):
             **cls._read(env),
             host=_env(env, "HOST", cls.host),
             port=_env(env, "PORT", cls.port, int),
+            health_port=_env(env, "PORT_HEALTH", cls.health_port, int),
             max_body_bytes=_env(env, "MAX_REQUEST_BODY_BYTES", cls.max_body_bytes, int),
             body_timeout_s=_env(env, "REQUEST_BODY_TIMEOUT_S", cls.body_timeout_s, float),
             stream_interval_ms=_env(env, "STREAM_INTERVAL_MS", cls.stream_interval_ms, float),

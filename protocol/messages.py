@@ -307,7 +307,9 @@ class ModelInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     max_model_len: int = 0
 
 
-EngineState = Literal["loading", "ready", "failed", "stopping"]
+# draining: stopping, its requests still running (none new: the gateways route
+# elsewhere and keep what runs there); stopping: going now, its requests lost.
+EngineState = Literal["loading", "ready", "failed", "draining", "stopping"]
 
 
 class EngineStatus(msgspec.Struct, tag="status", array_like=True):

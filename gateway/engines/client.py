@@ -411,7 +411,7 @@ class EngineClient:
             engine.sent = status.received  # a new life counts from its first report
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
             engine.record.resize(status.kv_cache_tokens)
-        if status.state != "ready" and engine.streams:
+        if status.state not in ("ready", "draining") and engine.streams:
             self._fail_all(engine, f"the engine is {status.state}")
         if previous is None or previous.state != status.state or previous.instance != status.instance:
             log.info("engine %s at %s is %s (model %s)", status.engine_id, engine.endpoint, status.state, status.model)

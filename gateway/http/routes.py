@@ -24,8 +24,17 @@ async def health(ctx: Context, _: Incoming) -> Result:
 
 async def ping(ctx: Context, _: Incoming) -> Result:
     """200 while an engine is ready and the server is not draining (vLLM's
-    /ping, for load balancers and SageMaker); 503 otherwise."""
-    return Result({}, 200 if ctx.client.ready and not ctx.draining else 503)
+    /ping, for load balancers and SageMaker); 204 while the engines are still
+    loading (RunPod's load-balancing endpoints: starting, not sick); 503 when
+    draining or every engine has failed."""
+    client = ctx.client
+    if ctx.draining:
+        return Result({}, 503)
+    if client.ready:
+        return Result({}, 200)
+    if any(e.state == "failed" for e in client.describe()):
+        return Result({}, 503)
+    return Result(b"", 204)
 
 
 async def version(ctx: Context, _: Incoming) -> Version:
@@ -49,8 +58,8 @@ OPERATIONS = (
               answer=Health, errors=(503,), answered_as_ok=(503,)),
     Operation("get", "/version", "The engines' vLLM version (and this gateway's)", version, answer=Version,
               errors=(503,)),
-    Operation("get", "/ping", "200 while an engine is ready (load balancers, SageMaker); 503 otherwise", ping,
-              other=JSON, errors=(503,)),
+    Operation("get", "/ping", "200 while an engine is ready (load balancers, SageMaker); 204 while the engines load "
+              "(RunPod's load balancer); 503 when draining or failed", ping, other=JSON, errors=(503,)),
     Operation("post", "/ping", "As GET /ping", ping, other=JSON, errors=(503,)),
     Operation("get", "/metrics", "Prometheus metrics", prometheus, other="text/plain", jobs=False),
     Operation("get", "/openapi.json", "This document", document, other=JSON, jobs=False),

@@ -55,8 +55,15 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: GatewaySettings, operations: Operations) -> None:
     app = build_app(settings, operations)
     log.info("HTTP gateway on http://%s:%d, engines %s", settings.host, settings.port, ", ".join(settings.engine_endpoints))
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-    )
-    DrainingServer(config, app.state.ctx, settings.drain_timeout_s).run()
+
+    def config(port: int) -> uvicorn.Config:
+        return uvicorn.Config(app, host=settings.host, port=port, loop="uvloop", http="httptools",
+                              log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+    main = config(settings.port)
+    sockets = [main.bind_socket()]
+    if settings.health_port and settings.health_port != settings.port:
+        # RunPod's load balancer pings PORT_HEALTH: the same server answers there.
+        sockets.append(config(settings.health_port).bind_socket())
+        log.info("health (and the API) also on port %d (PORT_HEALTH)", settings.health_port)
+    DrainingServer(main, app.state.ctx, settings.drain_timeout_s).run(sockets=sockets)

@@ -25,15 +25,29 @@ def test_client_disconnect_mid_stream_frees_engine(gateway_url, engine_endpoint)
 
 
 def test_serve_command_end_to_end(run_dir):
-    """`vllm-gateway serve` with worker-vllm's naming settings: served-name override,
-    response role and a custom chat template (which drops SmolLM2's long system prompt)."""
-    port = free_port()
+    """`vllm-gateway serve` as a RunPod load-balancing endpoint runs it (PORT, and
+    /ping on PORT_HEALTH: 204 while the model loads, 200 once ready), with
+    worker-vllm's naming settings: served-name override, response role and a
+    custom chat template (which drops SmolLM2's long system prompt)."""
+    port, health_port = free_port(), free_port()
     env = child_env(OPENAI_SERVED_MODEL_NAME_OVERRIDE="smol-test", OPENAI_RESPONSE_ROLE="bot",
-                    CUSTOM_CHAT_TEMPLATE="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    proc = Proc("serve", ["vllm_gateway.gateway", "serve", "--port", str(port), "--max-model-len", "1024"], env, run_dir)
+                    CUSTOM_CHAT_TEMPLATE="{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+                    PORT=str(port), PORT_HEALTH=str(health_port))
+    proc = Proc("serve", ["vllm_gateway.gateway", "serve", "--max-model-len", "1024"], env, run_dir)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, [proc], 600)
+        pings: list[int] = []
+        deadline = time.monotonic() + 600
+        while (not pings or pings[-1] != 200) and time.monotonic() < deadline:
+            assert proc.alive(), proc.tail()
+            try:
+                pings.append(httpx.get(f"http://127.0.0.1:{health_port}/ping", timeout=2).status_code)
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        assert pings and 204 in pings and pings[-1] == 200, pings
+        assert set(pings) <= {204, 200}, pings
+        wait_healthy(url, [proc], 60)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         models = c.models.list().data
         assert [m.id for m in models] == ["smol-test"] and models[0].max_model_len == 1024

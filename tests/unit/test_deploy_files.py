@@ -17,12 +17,18 @@ def test_supervisord_runs_four_tp2_engines_and_one_gateway():
         assert env["TENSOR_PARALLEL_SIZE"] == "2"
         gpus += env["CUDA_VISIBLE_DEVICES"].split(",")
         endpoints.append(re.search(r"--endpoint (\S+)", conf.get(section, "command")).group(1))
-        assert conf.get(section, "autorestart") == "true"
+        # exit 2 (a bad setting) is final, any other end restarted; engines stop
+        # after the gateway under `stop all` (lowest priority first), and drain
+        # within supervisord's patience when stopped first
+        assert conf.get(section, "autorestart") == "unexpected" and conf.get(section, "exitcodes") == "0,2"
+        assert int(conf.get(section, "priority")) > int(conf.get("program:gateway", "priority"))
+        assert int(conf.get(section, "stopwaitsecs")) > 30  # ENGINE_DRAIN_TIMEOUT_S's default
     assert sorted(gpus) == [str(i) for i in range(8)]  # every GPU, each in one engine
     gateway = conf.get("program:gateway", "command")
     assert re.search(r"--engine-endpoints (\S+)", gateway).group(1).split(",") == endpoints
     drain = int(re.search(r'DRAIN_TIMEOUT_S="(\d+)"', conf.get("program:gateway", "environment")).group(1))
     assert int(conf.get("program:gateway", "stopwaitsecs")) > drain
+    assert int(conf.get("supervisord", "minfds")) >= 4096
 
 
 def test_systemd_units_match():
