@@ -28,6 +28,7 @@ import msgspec
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+import figures  # noqa: E402
 from load import pct  # noqa: E402
 from procs import free_port, report, sse_payloads, stop, wait_ready  # noqa: E402
 
@@ -117,7 +118,8 @@ async def drive(port: int, streams: int, output_len: int, warmup: float, duratio
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, default=512)
+    p.add_argument("--streams", default="512", help="concurrent streams; a comma-separated list sweeps them "
+                   "(each point on a fresh gateway) and draws the curve")
     p.add_argument("--output-len", type=int, default=512)
     p.add_argument("--step-ms", type=float, default=10.0, help="the synthetic engine's step time")
     p.add_argument("--tokens-per-step", type=int, default=1)
@@ -125,7 +127,17 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--out", default="benchmarks/results/gateway_capacity.json")
     a = p.parse_args()
+    counts = [int(n) for n in a.streams.split(",")]
+    points = [measure(a, n) for n in counts]
+    if len(points) == 1:
+        report(points[0], a.out)
+        return
+    report({"points": points}, a.out)
+    figures.gateway_capacity(points, str(Path(a.out).with_suffix(".png")))
 
+
+def measure(a: argparse.Namespace, streams: int) -> dict:
+    """One point: a fresh synthetic engine and gateway, `streams` clients."""
     run_dir = tempfile.mkdtemp(prefix="vllm-gateway-bench-")
     endpoint = f"ipc://{run_dir}/synthetic"
     port = free_port()
@@ -136,12 +148,13 @@ def main() -> None:
                                 "--engine-endpoints", endpoint], env=env, cwd=ROOT)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", gateway, 60)
-        result = asyncio.run(drive(port, a.streams, a.output_len, a.warmup, a.duration, psutil.Process(gateway.pid)))
+        result = asyncio.run(drive(port, streams, a.output_len, a.warmup, a.duration, psutil.Process(gateway.pid)))
         result.update(step_ms=a.step_ms, tokens_per_step=a.tokens_per_step,
-                      offered_tokens_per_s=round(a.streams * a.tokens_per_step / (a.step_ms / 1000)))
+                      offered_tokens_per_s=round(streams * a.tokens_per_step / (a.step_ms / 1000)))
     finally:
         stop([gateway, engine], timeout=10)
-    report(result, a.out)
+    print(f"== {streams} streams: {result['streamed_tokens_per_s']} tok/s", file=sys.stderr)
+    return result
 
 
 if __name__ == "__main__":

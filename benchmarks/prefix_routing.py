@@ -34,6 +34,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
+import figures  # noqa: E402
 from load import random_prompt, run_load  # noqa: E402
 from procs import free_port, report, stop, wait_ready  # noqa: E402
 
@@ -131,6 +132,7 @@ def main() -> None:
     results = {"trials": trials, "median_ratios_prefix_over_least_loaded": medians,
                "settings": {k: v for k, v in vars(a).items() if k != "out"}}
     report(results, a.out)
+    figures.prefix_routing(results, str(Path(a.out).with_suffix(".png")))
 
 
 if __name__ == "__main__":

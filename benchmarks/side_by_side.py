@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+import figures  # noqa: E402
 from load import plot, run_load  # noqa: E402
 from procs import free_port, wait_ready  # noqa: E402
 
@@ -181,6 +182,7 @@ def main() -> None:
                            "dtype": a.dtype, "max_model_len": a.max_model_len}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    figures.side_by_side(results, str(Path(a.out).with_suffix(".png")))
     print(json.dumps(results))
 
 
