@@ -162,9 +162,10 @@ def gateway_capacity(points: Sequence[dict], path: str) -> bool:
         ax.set_xticks(x, [str(v) for v in x])
         ax.set_ylim(bottom=0)
     lost = sum(p["tokens_lost"] for p in points)
+    errors = sum(p["errors"] for p in points)
     step = points[0]["step_ms"]
     return _save(plt, fig, path, f"One gateway process in front of a synthetic engine (a step every {step:g} ms): "
-                 f"{lost} tokens lost", bottom=0.04)
+                 f"{lost} tokens lost, {errors} requests failed", bottom=0.04)
 
 
 def main() -> None:
