@@ -27,7 +27,9 @@ def stamp() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # Local changes to what runs (not to the README or these figures).
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "gateway", "engine",
+                                "protocol", "benchmarks/*_engine.py", "setup.cfg"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         commit += " + local changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
@@ -55,10 +57,11 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str, title: str, bottom: float) -> bool:
-    """Title, the stamp along the bottom, and the file."""
+def _save(plt, fig, path: str, title: str, bottom: float, stamped: str | None = None) -> bool:
+    """Title, the stamp along the bottom (the one the results were measured
+    under, when they carry it), and the file."""
     fig.suptitle(title)
-    fig.text(0.5, 0.005, stamp(), ha="center", va="bottom", fontsize="small", color="dimgray")
+    fig.text(0.5, 0.005, stamped or stamp(), ha="center", va="bottom", fontsize="small", color="dimgray")
     fig.tight_layout(rect=(0, bottom, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -72,7 +75,8 @@ Metric = tuple[str, Callable[[dict], float], str]  # label, value of one contend
 Row = tuple[Metric, Sequence[tuple[dict, dict]]]  # a metric, and each trial's (first, second) runs
 
 
-def trials_figure(path: str, title: str, names: tuple[str, str], rows: Sequence[Row], ratio_label: str) -> bool:
+def trials_figure(path: str, title: str, names: tuple[str, str], rows: Sequence[Row], ratio_label: str,
+                  stamped: str | None = None) -> bool:
     """One row per metric: left, both contenders' values trial by trial on the same
     axes; right, each trial's ratio (second / first) and the median of the trials."""
     plt = _pyplot()
@@ -96,9 +100,9 @@ def trials_figure(path: str, title: str, names: tuple[str, str], rows: Sequence[
         right.axhline(median, color="tab:red", linestyle="--", label=f"median {median:.3f}")
         for xi, r in zip(x, ratios):
             right.annotate(f"{r:.3f}", (xi, r), ha="center", va="bottom", fontsize="small")
-        right.set(title=f"{label}: {ratio_label}", xlabel="trial", ylabel="ratio", xticks=x)
+        right.set(title=f"ratio {ratio_label}", xlabel="trial", ylabel="ratio", xticks=x)
         right.legend(loc="lower right", fontsize="small")
-    return _save(plt, fig, path, title, bottom=0.03)
+    return _save(plt, fig, path, title, bottom=0.03, stamped=stamped)
 
 
 def side_by_side(results: dict, path: str) -> bool:
@@ -115,7 +119,7 @@ def side_by_side(results: dict, path: str) -> bool:
     title = (f"vllm-gateway vs vLLM's own server: {model}, {s['num_requests']} streams of {s['output_len']} tokens, "
              f"{s['concurrency']} at a time (orders alternate)")
     return trials_figure(path, title, ("vLLM api_server", "vllm-gateway serve"), [(m, trials) for m in metrics],
-                         "vllm-gateway / vLLM")
+                         "vllm-gateway / vLLM", results.get("stamp"))
 
 
 def prefix_routing(results: dict, path: str) -> bool:
@@ -135,10 +139,10 @@ def prefix_routing(results: dict, path: str) -> bool:
     title = (f"ROUTING=prefix vs least_loaded: 2 engines, {s['tenants']} tenants x {s['requests_per_tenant']} requests "
              f"(~{s['prefix_words']}-token prefixes), {s['concurrency']} at a time")
     rows = [(m, trials) for m in metrics] + [(m, unshared) for m in metrics_unshared]
-    return trials_figure(path, title, ("least_loaded", "prefix"), rows, "prefix / least_loaded")
+    return trials_figure(path, title, ("least_loaded", "prefix"), rows, "prefix / least_loaded", results.get("stamp"))
 
 
-def gateway_capacity(points: Sequence[dict], path: str) -> bool:
+def gateway_capacity(points: Sequence[dict], path: str, stamped: str | None = None) -> bool:
     """A sweep over the number of concurrent streams: what one gateway process
     streams, at what CPU cost per token, and the first-token latency it adds."""
     plt = _pyplot()
@@ -165,7 +169,7 @@ def gateway_capacity(points: Sequence[dict], path: str) -> bool:
     errors = sum(p["errors"] for p in points)
     step = points[0]["step_ms"]
     return _save(plt, fig, path, f"One gateway process in front of a synthetic engine (a step every {step:g} ms): "
-                 f"{lost} tokens lost, {errors} requests failed", bottom=0.04)
+                 f"{lost} tokens lost, {errors} requests failed", bottom=0.04, stamped=stamped)
 
 
 def main() -> None:
@@ -173,7 +177,7 @@ def main() -> None:
         results = json.loads(Path(name).read_text())
         out = str(Path(name).with_suffix(".png"))
         if "points" in results:
-            gateway_capacity(results["points"], out)
+            gateway_capacity(results["points"], out, results.get("stamp"))
         elif "median_ratios_prefix_over_least_loaded" in results:
             prefix_routing(results, out)
         else:

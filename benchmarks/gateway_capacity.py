@@ -132,8 +132,9 @@ def main() -> None:
     if len(points) == 1:
         report(points[0], a.out)
         return
-    report({"points": points}, a.out)
-    figures.gateway_capacity(points, str(Path(a.out).with_suffix(".png")))
+    results = {"points": points, "stamp": figures.stamp()}
+    report(results, a.out)
+    figures.gateway_capacity(points, str(Path(a.out).with_suffix(".png")), results["stamp"])
 
 
 def measure(a: argparse.Namespace, streams: int) -> dict:

@@ -130,7 +130,7 @@ def main() -> None:
         for name in trials[0]["ratios_prefix_over_least_loaded"]
     }
     results = {"trials": trials, "median_ratios_prefix_over_least_loaded": medians,
-               "settings": {k: v for k, v in vars(a).items() if k != "out"}}
+               "settings": {k: v for k, v in vars(a).items() if k != "out"}, "stamp": figures.stamp()}
     report(results, a.out)
     figures.prefix_routing(results, str(Path(a.out).with_suffix(".png")))
 

@@ -178,6 +178,7 @@ def main() -> None:
         "trials": trials,
         "ratios_ours_over_vllm": {k: statistics.median(t["ratios_ours_over_vllm"][k] for t in trials) for k in keys},
     }
+    results["stamp"] = figures.stamp()
     results["settings"] = {**load_args, "model_path": model, "tiny_model": a.tiny_model, "max_num_seqs": a.max_num_seqs,
                            "dtype": a.dtype, "max_model_len": a.max_model_len}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
