@@ -101,13 +101,20 @@ class Load:
     running_lora_adapters: list[str] = dataclasses.field(default_factory=list)
     waiting_lora_adapters: list[str] = dataclasses.field(default_factory=list)
 
-    def now(self, in_engine: int) -> tuple[int, int]:
-        """Running and waiting with `in_engine` requests here now: the scheduler's
-        numbers are as of its last step, and miss the requests that came since
-        (they wait for its next one). Those that ended since still count until
-        that step: a moment's over-estimate, never an under-estimate."""
+    def now(self, in_engine: int | None) -> tuple[int, int]:
+        """Running and waiting with `in_engine` generations here now (None: not
+        counted, an embedding engine). The scheduler's numbers are as of its last
+        step: the requests that came since wait for its next one, and those that
+        ended since (finished, aborted) are gone, though an idle scheduler may
+        never say so. Which of them ended is not known: running ones are taken
+        off first (a finished request was running)."""
         running, waiting = int(self.running), int(self.waiting)
-        return running, waiting + max(0, in_engine - running - waiting)
+        if in_engine is None:
+            return running, waiting
+        if in_engine >= running + waiting:
+            return running, in_engine - running
+        waiting = min(waiting, in_engine)
+        return min(running, in_engine - waiting), waiting
 
 
 class _LoadRecorder(StatLoggerBase):
@@ -321,7 +328,7 @@ class EngineServer:
     def _status(self, state: str = "ready", ident: bytes | None = None) -> EngineStatus:
         """The status for the gateway `ident` (its `received`); for all, see `_broadcast_status`."""
         load = self.load
-        running, waiting = load.now(self.in_engine)
+        running, waiting = load.now(self._counted())
         if self.stalled or (self.llm is not None and self.llm.errored):
             state = "failed"
         elif self.draining and state == "ready":
@@ -348,6 +355,10 @@ class EngineServer:
             received=self.received.get(ident, 0) if ident is not None else 0,
         )
 
+    def _counted(self) -> int | None:
+        """The generations here, when they are all vLLM holds (a generating engine)."""
+        return self.in_engine if self.models is not None and self.models.task == "generate" else None
+
     def _broadcast_status(self, state: str = "ready") -> None:
         status = self._status(state)
         received = self.received
@@ -362,7 +373,7 @@ class EngineServer:
 
     def _send_metrics(self) -> None:
         load = self.load
-        running, waiting = load.now(self.in_engine)
+        running, waiting = load.now(self._counted())
         for ident in list(self.gateways):
             m = self._metrics_for(ident)
             m.running, m.waiting, m.kv_cache_usage = running, waiting, float(load.kv_cache_usage)
