@@ -175,9 +175,8 @@ class EngineServer:
         self._background: set[asyncio.Future] = set()
         self.owner: dict[str, bytes] = {}  # request id -> gateway identity
         # Generations here (taken, being set up or in vLLM): request id -> its n,
-        # as vLLM's scheduler counts each sample; and their sum.
+        # as vLLM's scheduler counts each sample.
         self.generations: dict[str, int] = {}
-        self.in_engine = 0
         # Generates taken from each gateway, ever (kept when a gateway is
         # forgotten: one that comes back counts on from there).
         self.received: dict[bytes, int] = {}
@@ -321,8 +320,7 @@ class EngineServer:
             return
         self.gateways.setdefault(ident, time.monotonic())
         self.owner[rid] = ident
-        n = self.generations[rid] = max(1, req.params.n)
-        self.in_engine += n
+        self.generations[rid] = max(1, req.params.n)
         self.tasks[rid] = asyncio.create_task(self._generate(ident, req))
 
     def _status(self, state: str = "ready", ident: bytes | None = None) -> EngineStatus:
@@ -357,7 +355,9 @@ class EngineServer:
 
     def _counted(self) -> int | None:
         """The generations here, when they are all vLLM holds (a generating engine)."""
-        return self.in_engine if self.models is not None and self.models.task == "generate" else None
+        if self.models is None or self.models.task != "generate":
+            return None
+        return sum(self.generations.values())
 
     def _broadcast_status(self, state: str = "ready") -> None:
         status = self._status(state)
@@ -539,7 +539,7 @@ class EngineServer:
     def forget(self, rid: str) -> None:
         self.running.pop(rid, None)
         self.owner.pop(rid, None)
-        self.in_engine -= self.generations.pop(rid, 0)
+        self.generations.pop(rid, None)
 
     def spawn(self, coro: Any) -> None:
         """Run `coro` in the background, keeping it referenced until it ends."""

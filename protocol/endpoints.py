@@ -15,10 +15,9 @@ def make_ipc_folder(endpoint: str) -> None:
     """The folder of an ipc:// socket, made (private to this user) if missing, so
     that a supervisor's config names `ipc:///run/vllm-gateway/engine-0` and
     nobody has to make `/run/vllm-gateway` first."""
-    if endpoint.startswith("ipc://"):
-        folder = os.path.dirname(endpoint[len("ipc://"):])
-        if folder and not os.path.isdir(folder):
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+    folder = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else ""
+    if folder:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
 
 
 def parse_endpoints(value: str | None) -> list[str]:

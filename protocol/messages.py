@@ -322,8 +322,9 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     state: EngineState
     model: str = ""
     max_model_len: int = 0
-    # Requests in the engine now, split as vLLM's scheduler last counted them;
-    # those that arrived since its last step count as waiting.
+    # Requests in the engine now, split as vLLM's scheduler last counted them:
+    # those that arrived since its last step count as waiting, those gone since
+    # no longer count.
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0

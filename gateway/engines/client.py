@@ -97,12 +97,11 @@ class EngineConnection:
         self.last_seen = 0.0
         # Requests in flight on this engine: streams, and the one-answer requests.
         self.streams: dict[str, RequestStream | Reply] = {}
-        # Generates sent to this engine's life, and those its latest report had
-        # not taken yet (counted in routing, so that a burst spreads over engines
-        # before their reports catch up, and a report that crossed a request on
-        # the wire does not make the engine look emptier than it is).
+        # Generates sent to this engine's life; those its latest report had not
+        # taken yet (`unreported`) count in routing, so that a burst spreads over
+        # engines before their reports catch up, and a report that crossed a
+        # request on the wire does not make the engine look emptier than it is.
         self.sent = 0
-        self.unreported = 0
         self.routed = 0  # requests sent to this engine, ever
         self.choices: dict[str, int] = {}  # routing decisions that chose it, by reason
         self.record = PrefixRecord()  # what its KV cache likely holds (routing)
@@ -129,6 +128,11 @@ class EngineConnection:
 
     def serves(self, model: str) -> bool:
         return any(m.name == model for m in self.models())
+
+    @property
+    def unreported(self) -> int:
+        s = self.status
+        return max(0, self.sent - s.received) if s is not None else 0
 
     @property
     def load(self) -> float:
@@ -251,7 +255,6 @@ class EngineClient:
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)
         engine.sent += len(requests)
-        engine.unreported += len(requests)
         engine.routed += len(requests)
         return stream
 
@@ -421,7 +424,6 @@ class EngineClient:
         engine.status = status
         engine.error = None
         engine.last_seen = time.monotonic()
-        engine.unreported = max(0, engine.sent - status.received)
         if status.state == "ready" and self.adapters:
             self._replay_adapters(engine)
 

@@ -36,7 +36,7 @@ def box(run_dir):
     text = text.replace("/opt/venv/bin/vllm-gateway", str(os.path.join(os.path.dirname(sys.executable), "vllm-gateway")))
     text = text.replace("/var/log/", f"{folder}/").replace("/run/", f"{folder}/")
     text = text.replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
-    text = re.sub(r'TENSOR_PARALLEL_SIZE="2"', 'TENSOR_PARALLEL_SIZE="1"', text)
+    text = text.replace('TENSOR_PARALLEL_SIZE="2"', 'TENSOR_PARALLEL_SIZE="1"')
     text = text.replace('environment=CUDA_VISIBLE_DEVICES="4,5",TENSOR_PARALLEL_SIZE="1"',
                         'environment=CUDA_VISIBLE_DEVICES="4,5",TENSOR_PARALLEL_SIZE="1",MAX_MODEL_LEN="lots"')
     text = text.replace("--engine-id 3\n", "--engine-id 3\nautostart=false\n")
