@@ -15,6 +15,9 @@ ROUTING=prefix or least_loaded, the order alternating between trials. Reported
 per run: TTFT, output tokens/s, and vLLM's prefix cache hit rate (hits over
 queried prompt tokens, from the engines' counters on /metrics); then the
 ratios prefix / least_loaded per trial and their medians. Ends with one JSON line.
+Each phase also keeps a timeline (every second: each engine's running and waiting
+requests, KV cache use and the routing decisions so far, from /metrics), the
+placements over time that the totals hide.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +52,43 @@ def cache_counters(base: str) -> tuple[float, float]:
             if s.name in totals:
                 totals[s.name] += s.value
     return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
+
+
+def engine_sample(base: str) -> dict[str, dict[str, float]]:
+    """Each engine's load and the routing decisions that chose it, now."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    out: dict[str, dict[str, float]] = {}
+    names = {"vllm_gateway:engine_requests_running": "running", "vllm_gateway:engine_requests_waiting": "waiting",
+             "vllm_gateway:engine_kv_cache_usage_perc": "kv"}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            engine = s.labels.get("engine")
+            if s.name in names and engine:
+                out.setdefault(engine, {})[names[s.name]] = s.value
+            elif s.name == "vllm_gateway:routing_decisions_total" and engine:
+                out.setdefault(engine, {})["routed_" + s.labels["reason"]] = s.value
+    return out
+
+
+class Timeline(threading.Thread):
+    """Samples every engine's load and placements once a second while a phase runs."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.samples, self.done = base, [], threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            try:
+                self.samples.append({"t": round(time.monotonic() - self.t0, 1), "engines": engine_sample(self.base)})
+            except httpx.HTTPError:
+                pass
+
+    def stop(self) -> list[dict]:
+        self.done.set()
+        self.join()
+        return self.samples
 
 
 def workloads(a: argparse.Namespace, seed: int) -> dict[str, list[str]]:
@@ -76,8 +117,11 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
         wait_ready(base + "/health", proc)
         for name, prompts in loads.items():
             q0, h0 = cache_counters(base)
+            timeline = Timeline(base)
+            timeline.start()
             summary, _ = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency, num_requests=len(prompts),
                                               output_len=a.output_len, prompts=prompts, progress=False))
+            summary["timeline"] = timeline.stop()
             time.sleep(1.5)  # the engines report their counters once a second
             q1, h1 = cache_counters(base)
             summary["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else 0.0
@@ -86,7 +130,7 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
                   f"failures {summary['failures']}", file=sys.stderr)
             out[name] = {k: summary[k] for k in ("requests", "failures", "duration_s", "output_tokens_per_s",
                                                  "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
-                                                 "prefix_cache_hit_rate")}
+                                                 "prefix_cache_hit_rate", "timeline")}
     finally:
         stop([proc], timeout=120)
         time.sleep(3)  # let the engines' vLLM processes go

@@ -244,13 +244,13 @@ class EngineClient:
         ready = self._ready(requests[0].model or None)
         if not ready:
             raise NoEngine()
-        engine, why = self.router.pick(ready, requests)
+        engine, why, key_bytes = self.router.pick(ready, requests)
         engine.choices[why] = engine.choices.get(why, 0) + 1
         try:  # before anything is sent: a value msgpack cannot carry fails the whole request
             frames = [encode(r) for r in requests]
         except (OverflowError, TypeError, ValueError) as e:
             raise Unencodable(str(e)) from None
-        stream = RequestStream([r.request_id for r in requests], requests[0].params.n, engine, exact)
+        stream = RequestStream([r.request_id for r in requests], requests[0].params.n, engine, exact, key_bytes)
         for r, frame in zip(requests, frames):
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)
@@ -334,6 +334,10 @@ class EngineClient:
         live = [rid for rid in stream.request_ids if stream.engine.streams.pop(rid, None) is not None]
         if live and abort:
             stream.engine.send(Abort(live))
+        if stream.key_bytes and stream.finished and self.router.learn(stream.key_bytes, stream.prompt_tokens):
+            for e in self.engines:
+                if e.status is not None:
+                    e.record.resize(e.status.kv_cache_tokens, self.router.bytes_per_token)
 
     def _ready(self, model: str | None = None) -> list[EngineConnection]:
         """The ready engines (serving `model`, when given)."""
@@ -413,7 +417,7 @@ class EngineClient:
             engine.replayed = set()
             engine.sent = status.received  # a new life counts from its first report
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
-            engine.record.resize(status.kv_cache_tokens)
+            engine.record.resize(status.kv_cache_tokens, self.router.bytes_per_token)
         if status.state not in ("ready", "draining") and engine.streams:
             self._fail_all(engine, f"the engine is {status.state}")
         if previous is None or previous.state != status.state or previous.instance != status.instance:

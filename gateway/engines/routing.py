@@ -13,7 +13,7 @@ compute vLLM's block hashes; it keeps its own record instead, as SGLang's router
 does: per engine, a hash chain over fixed-size blocks of each request's prompt
 bytes (its text, its token ids, or its messages and tools as sent), most
 recently used first, cut to the engine's KV capacity (`EngineStatus.kv_cache_tokens`,
-at `BYTES_PER_TOKEN`). A request goes to the engine whose record holds the longest
+at the bytes of key per prompt token learnt from the requests served, `Router.learn`). A request goes to the engine whose record holds the longest
 run of its leading blocks, unless that engine is busier than the least loaded by
 more than the margin (`ROUTING_BALANCE_ABS` requests and `ROUTING_BALANCE_REL`
 times): then a hot prefix spills over to the least loaded, which caches it too.
@@ -37,10 +37,17 @@ POLICIES: tuple[str, ...] = ("least_loaded", "prefix")
 # Record granularity. A prompt shorter than one block is not recorded: its
 # prefix is too short to be worth steering for.
 BLOCK_BYTES = 128
-# For sizing a record to an engine's KV capacity: English text runs at about
-# four bytes a token in the BPE vocabularies of today's models. An over-estimate
-# keeps a tenant on its engine a little longer; an under-estimate forgets it early.
-BYTES_PER_TOKEN = 4
+# For sizing a record to an engine's KV capacity before any request has told
+# how many bytes of key a prompt token takes: English text runs at about four
+# bytes a token in the BPE vocabularies of today's models. Then the router learns
+# it (code, other languages and random words run at 3 to 7; a chat key carries
+# JSON around each message). An under-estimate forgets a tenant early: its next
+# request is placed by load, on an engine that does not hold its prefix.
+BYTES_PER_TOKEN = 4.0
+# The learnt figure weighs about this many prompt tokens of recent requests; it
+# starts as this many at BYTES_PER_TOKEN, so one odd request does not swing it.
+LEARN_WINDOW_TOKENS = 200_000
+LEARN_PRIOR_TOKENS = 4096
 # Without a reported capacity (an engine of before `kv_cache_tokens`).
 DEFAULT_CAPACITY_BLOCKS = 1 << 20
 
@@ -91,9 +98,9 @@ class PrefixRecord:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def resize(self, kv_cache_tokens: int) -> None:
+    def resize(self, kv_cache_tokens: int, bytes_per_token: float = BYTES_PER_TOKEN) -> None:
         if kv_cache_tokens > 0:
-            self.capacity = max(1, kv_cache_tokens * BYTES_PER_TOKEN // BLOCK_BYTES)
+            self.capacity = max(1, int(kv_cache_tokens * bytes_per_token) // BLOCK_BYTES)
             self._evict()
 
     def matched(self, hashes: Sequence[int]) -> int:
@@ -148,14 +155,39 @@ class Router:
             raise ValueError(f"unknown routing policy {policy!r}: one of {', '.join(POLICIES)}")
         self.policy = policy
         self.balance = balance or Balance()
+        # Key bytes and prompt tokens of the requests served, decayed to the window.
+        self._bytes = BYTES_PER_TOKEN * LEARN_PRIOR_TOKENS
+        self._tokens = float(LEARN_PRIOR_TOKENS)
+        self._sized_at = BYTES_PER_TOKEN
 
-    def pick(self, engines: Sequence[Routable], gens: Sequence[Generate]) -> tuple[Routable, Choice]:
+    @property
+    def bytes_per_token(self) -> float:
+        return self._bytes / self._tokens
+
+    def learn(self, key_bytes: int, prompt_tokens: int) -> bool:
+        """A served request's prefix key length and its prompt's token count (as the
+        engine rendered it). True when the estimate moved a tenth away from the
+        one the records were last sized at: time to resize them."""
+        if key_bytes <= 0 or prompt_tokens <= 0:
+            return False
+        keep = max(0.0, 1.0 - prompt_tokens / LEARN_WINDOW_TOKENS)
+        self._bytes = self._bytes * keep + key_bytes
+        self._tokens = self._tokens * keep + prompt_tokens
+        now = self.bytes_per_token
+        if abs(now - self._sized_at) <= 0.1 * self._sized_at:
+            return False
+        self._sized_at = now
+        return True
+
+    def pick(self, engines: Sequence[Routable], gens: Sequence[Generate]) -> tuple[Routable, Choice, int]:
         """The engine for a client request's prompts (`engines`: ready, serving the
-        model; not empty), and why it was chosen."""
+        model; not empty), why it was chosen, and the bytes of its prompts' keys
+        (for `learn`; 0 under least-loaded)."""
         least = min(engines, key=lambda e: e.load)
         if self.policy == "least_loaded":
-            return least, "least_loaded"
-        chains = [block_hashes(prefix_key(g)) for g in gens]
+            return least, "least_loaded", 0
+        keys = [prefix_key(g) for g in gens]
+        chains = [block_hashes(k) for k in keys]
         chosen: Routable = least
         why: Choice = "least_loaded"
         if len(engines) > 1 and any(chains):
@@ -169,4 +201,4 @@ class Router:
                 why = "spill"  # its engines are too busy: the least loaded learns the prefix too
         for c in chains:
             chosen.record.add(c)
-        return chosen, why
+        return chosen, why, sum(map(len, keys))

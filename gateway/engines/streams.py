@@ -88,12 +88,17 @@ class RequestStream:
     raised after the output that came before it: the engine's (`StreamFailed`), or
     whatever `interrupt()` was given (a timeout, a client gone), at once."""
 
-    __slots__ = ("request_ids", "engine", "exact", "_unfinished", "_items", "_waiter", "error")
+    __slots__ = ("request_ids", "engine", "exact", "key_bytes", "prompt_tokens", "_unfinished", "_items",
+                 "_waiter", "error")
 
-    def __init__(self, request_ids: list[str], n: int, engine: Any, exact: bool = False) -> None:
+    def __init__(self, request_ids: list[str], n: int, engine: Any, exact: bool = False, key_bytes: int = 0) -> None:
         self.request_ids = request_ids
         self.engine = engine
         self.exact = exact
+        # The prompts' routing key bytes, and their token counts as the engine
+        # reported them when they finished: what the router learns from.
+        self.key_bytes = key_bytes
+        self.prompt_tokens = 0
         self._unfinished = len(request_ids) * n  # choices not yet ended
         self._items: list[Delta] = []
         self._waiter: asyncio.Future | None = None
@@ -119,6 +124,8 @@ class RequestStream:
             self._items.append(delta)
             if delta.finish_reason is not None:
                 self._unfinished -= 1
+                if delta.index == 0:
+                    self.prompt_tokens += delta.num_prompt_tokens
             self._wake()
 
     def fail(self, failure: RequestFailed) -> None:

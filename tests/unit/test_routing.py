@@ -38,7 +38,7 @@ TENANT = {t: f"tenant {t}: " + "You are the assistant of one tenant, with its lo
 
 
 def route(router: Router, engines: list[Engine], text: str, *, busy: bool = True) -> tuple[Engine, str]:
-    e, why = router.pick(engines, [gen(text)])
+    e, why, _ = router.pick(engines, [gen(text)])
     if busy:
         e.load += 1  # the request runs on
     return e, why
@@ -97,6 +97,20 @@ def test_record_keeps_the_shared_prefix_and_forgets_old_tails():
     assert record.matched(chains[0]) == 4  # the first: its prefix only
     record.resize(kv_cache_tokens=BLOCK_BYTES // 4 * 2)  # two blocks' worth
     assert len(record) == 2 and record.matched(chains[-1]) == 2
+
+
+def test_the_record_is_sized_at_the_bytes_per_token_the_requests_show():
+    """Random words run at ~6 bytes a token: a record sized at 4 would forget a
+    third of what the engine's cache holds (the prefix benchmark's regression)."""
+    router = Router("prefix")
+    assert router.bytes_per_token == 4.0
+    moved = [router.learn(key_bytes=17_000, prompt_tokens=2_850) for _ in range(20)]
+    assert moved[0] and 5.7 < router.bytes_per_token < 6.0
+    assert sum(moved) < 5  # records are resized when the figure moves, not per request
+    record = PrefixRecord()
+    record.resize(kv_cache_tokens=23_296, bytes_per_token=router.bytes_per_token)
+    assert record.capacity == int(23_296 * router.bytes_per_token) // BLOCK_BYTES
+    assert not router.learn(0, 10) and not router.learn(10, 0)  # nothing to learn from
 
 
 def test_keys_follow_the_prompt_kind_and_model():
