@@ -91,6 +91,18 @@ class Timeline(threading.Thread):
         return self.samples
 
 
+def wait_all_ready(base: str, timeout: float = 900) -> None:
+    """/health answers 200 once one engine is ready; a run starts when both are,
+    or its first requests all go to the first engine up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        engines = httpx.get(base + "/health", timeout=10).json()["engines"]
+        if engines and all(e["ready"] for e in engines):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the engines at {base} were not all ready after {timeout:.0f} s")
+
+
 def workloads(a: argparse.Namespace, seed: int) -> dict[str, list[str]]:
     rng = random.Random(seed)
     tenants = [f"Tenant {t}. " + random_prompt(rng, a.prefix_words) for t in range(a.tenants)]
@@ -115,6 +127,7 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
     out: dict = {}
     try:
         wait_ready(base + "/health", proc)
+        wait_all_ready(base)
         for name, prompts in loads.items():
             q0, h0 = cache_counters(base)
             timeline = Timeline(base)

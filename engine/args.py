@@ -126,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TOOL_CALL_PARSER", None, help="vLLM tool parser (hermes, llama3_json, mistral, pythonic, ...)"),
     Setting("TOOL_PARSER_PLUGIN", None, help="a Python file registering more tool parsers"),
     Setting("EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", None, parse_bool),
+    Setting("TOOL_STRICT_LEVEL", None, help="auto (default), function or parameter: how far tool calls under "
+            "tool_choice auto are constrained (vllm serve's --tool-strict-level; forced calls always are)"),
     # Models beyond the base one.
     Setting("ENGINE_TASK", None, help="generate (default) or embed: with no MODEL_NAME, embed serves the "
             "packaged all-MiniLM-L6-v2"),
@@ -161,6 +163,7 @@ class ChatSettings:
     default_chat_template_kwargs: dict[str, Any] | None = None
     trust_request_chat_template: bool = False
     exclude_tools_when_tool_choice_none: bool = False
+    tool_strict_level: str = "auto"  # TOOL_STRICT_LEVEL
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:

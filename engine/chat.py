@@ -2,10 +2,19 @@
 `ChatCompletionRequest` checks the request (tools, tool_choice, structured
 outputs), its `OnlineRenderer` renders it (chat template, content formats,
 multimodal parts, tools in the template) and adjusts it (a `required` or named
-tool choice becomes a JSON-schema constraint), and its `Parser` (tool parser and
+tool choice becomes a constraint on the output), and its `Parser` (tool parser and
 reasoning parser, by the names `vllm serve` takes) splits the output into
 content, reasoning and tool calls, piece by piece or, for a client that reads
 the whole answer, at the end.
+
+A forced call (`required`, or a named function) gets arguments valid under the
+tool's parameters whatever the parser: vLLM constrains them with a JSON schema
+for parsers that read forced calls as JSON, but for parsers with a structural tag
+(hermes, llama3_json, qwen3_xml, ...) it pins only the call's envelope unless the
+tool says `strict: true` (so SmolLM2 under hermes answered `"Paris"` for
+`{"city": ...}`), and parsers with neither constrain nothing. Forced calls
+therefore render through a second renderer: the same parser at strict level
+`parameter` where it has a structural tag, vLLM's JSON path where it has none.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.renderers.inputs.preprocess import extract_prompt_components
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
+from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
 from vllm_gateway.engine.args import ChatSettings
 from vllm_gateway.engine.failures import BadRequest, from_vllm_error
@@ -54,6 +64,25 @@ class RenderedChat:
     engine_input: Any  # what AsyncLLM.generate takes
     prompt_ids: list[int]
     chat_template_kwargs: dict[str, Any]
+    parser_cls: Any  # vLLM's Parser class that reads its output (None: no parsers)
+
+
+def forced(req: ChatCompletionRequest) -> bool:
+    """The request must call a tool: `required`, or a named function."""
+    return bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, pydantic.BaseModel))
+
+
+def forced_parser(settings: ChatSettings) -> tuple[str, str]:
+    """The tool parser and strict level that constrain a forced call's arguments
+    (see the module's docstring)."""
+    if not (settings.enable_auto_tools and settings.tool_parser):
+        return FORCED_ONLY, settings.tool_strict_level
+    cls = ToolParserManager.get_tool_parser(settings.tool_parser)
+    if cls.structural_tag_model is not None:
+        return settings.tool_parser, "parameter"
+    if cls.supports_required_and_named:
+        return settings.tool_parser, settings.tool_strict_level
+    return FORCED_ONLY, settings.tool_strict_level
 
 
 def _pydantic_error(e: pydantic.ValidationError) -> BadRequest:
@@ -78,25 +107,32 @@ class ChatRenderer:
         self.model_config = llm.model_config
         self.tokenizer = llm.renderer.tokenizer
         auto = settings.enable_auto_tools and settings.tool_parser
-        self.online = OnlineRenderer(
-            model_config=llm.model_config,
-            renderer=llm.renderer,
-            request_logger=None,
-            chat_template=settings.chat_template,
-            chat_template_content_format=settings.content_format,  # type: ignore[arg-type]
-            trust_request_chat_template=settings.trust_request_chat_template,
-            # Always on for vLLM, so that it keeps a tool parser: ours when no
-            # auto parser is configured; "auto" itself is refused in `render`.
-            enable_auto_tools=True,
-            exclude_tools_when_tool_choice_none=settings.exclude_tools_when_tool_choice_none,
-            tool_parser=settings.tool_parser if auto else FORCED_ONLY,
-            reasoning_parser=settings.reasoning_parser or "",
-            default_chat_template_kwargs=settings.default_chat_template_kwargs,
-        )
-        self.parser_cls = self.online.parser
+
+        def renderer(tool_parser: str, strict_level: str) -> OnlineRenderer:
+            return OnlineRenderer(
+                model_config=llm.model_config,
+                renderer=llm.renderer,
+                request_logger=None,
+                chat_template=settings.chat_template,
+                chat_template_content_format=settings.content_format,  # type: ignore[arg-type]
+                trust_request_chat_template=settings.trust_request_chat_template,
+                # Always on for vLLM, so that it keeps a tool parser: ours when no
+                # auto parser is configured; "auto" itself is refused in `render`.
+                enable_auto_tools=True,
+                exclude_tools_when_tool_choice_none=settings.exclude_tools_when_tool_choice_none,
+                tool_parser=tool_parser,
+                reasoning_parser=settings.reasoning_parser or "",
+                default_chat_template_kwargs=settings.default_chat_template_kwargs,
+                tool_strict_level=strict_level,
+            )
+
+        ToolStrictLevel.from_name(settings.tool_strict_level)  # refused at start, not per request
+        plain = (settings.tool_parser if auto else FORCED_ONLY, settings.tool_strict_level)
+        self.online = renderer(*plain)
+        self.forced = self.online if forced_parser(settings) == plain else renderer(*forced_parser(settings))
 
     def warmup(self) -> None:
-        self.online.warmup()
+        self.online.warmup()  # the forced renderer shares its template and tokenizer
 
     async def render(self, p: ChatPrompt, structured_outputs: dict | None, n: int) -> RenderedChat:
         """vLLM's request, checked and rendered. `max_tokens` is left out: the
@@ -127,27 +163,29 @@ class ChatRenderer:
             raise BadRequest('"auto" tool choice requires ENABLE_AUTO_TOOL_CHOICE=1 and TOOL_CALL_PARSER to be set '
                              '(`vllm serve --enable-auto-tool-choice --tool-call-parser`); "required" or a named '
                              "function work without them", "tool_choice")
+        online = self.forced if forced(req) else self.online
         try:
-            result = await self.online.render_chat(req)
+            result = await online.render_chat(req)
         except Exception as e:  # the template, the content format, media: the request's fault
             raise from_vllm_error(e, "messages") from None
         if not isinstance(result, tuple):  # vLLM's ErrorResponse
             raise BadRequest(result.error.message, result.error.param or "messages")
         _, (engine_input,) = result
         ids = extract_prompt_components(self.model_config, engine_input).token_ids
-        return RenderedChat(req, engine_input, list(ids or []), self.online.effective_chat_template_kwargs(req))
+        return RenderedChat(req, engine_input, list(ids or []), online.effective_chat_template_kwargs(req),
+                            online.parser)
 
-    def wants_parser(self, req: ChatCompletionRequest) -> bool:
+    def wants_parser(self, chat: RenderedChat) -> bool:
         """vLLM's parsers read the output when it can hold reasoning or tool calls;
         a plain chat streams its text as it comes (as `vllm serve` without parsers)."""
-        if self.parser_cls is None:
+        if chat.parser_cls is None:
             return False
         if self.settings.reasoning_parser:
             return True
-        return bool(req.tools) and req.tool_choice != "none"
+        return bool(chat.request.tools) and chat.request.tool_choice != "none"
 
     def output_parser(self, chat: RenderedChat, stream: bool) -> "ChoiceParser":
-        parser = self.parser_cls(self.tokenizer, chat.request.tools, chat_template_kwargs=chat.chat_template_kwargs,
+        parser = chat.parser_cls(self.tokenizer, chat.request.tools, chat_template_kwargs=chat.chat_template_kwargs,
                                  model_config=self.model_config)
         parser.set_prompt_token_ids(chat.prompt_ids)
         return ChoiceParser(parser, chat, stream, auto_tools=bool(self.settings.enable_auto_tools
@@ -158,9 +196,9 @@ class ChatRenderer:
         """`reasoning_ended` and `reasoning_parser_kwargs` for `AsyncLLM.generate`:
         a structured output applies from the end of the reasoning on."""
         req = chat.request
-        if self.parser_cls is None or not self.settings.reasoning_parser:
+        if chat.parser_cls is None or not self.settings.reasoning_parser:
             return {"reasoning_ended": req.resolve_reasoning_ended(None, chat.prompt_ids)}
-        parser = self.parser_cls(self.tokenizer, req.tools, chat_template_kwargs=chat.chat_template_kwargs,
+        parser = chat.parser_cls(self.tokenizer, req.tools, chat_template_kwargs=chat.chat_template_kwargs,
                                  model_config=self.model_config)
         return {
             "reasoning_ended": req.resolve_reasoning_ended(parser, chat.prompt_ids),

@@ -137,6 +137,9 @@ def chat_settings(settings: dict, reasoning_parser: str | None) -> engine_args.C
     fmt = settings.get("CHAT_TEMPLATE_CONTENT_FORMAT", "auto")
     if fmt not in ("auto", "string", "openai"):
         raise ValueError(f"CHAT_TEMPLATE_CONTENT_FORMAT={fmt!r}: use auto, string or openai")
+    strict = settings.get("TOOL_STRICT_LEVEL", "auto")
+    if strict not in ("auto", "function", "parameter"):
+        raise ValueError(f"TOOL_STRICT_LEVEL={strict!r}: use auto, function or parameter")
     return engine_args.ChatSettings(
         chat_template=template,
         content_format=fmt,
@@ -146,6 +149,7 @@ def chat_settings(settings: dict, reasoning_parser: str | None) -> engine_args.C
         default_chat_template_kwargs=settings.get("DEFAULT_CHAT_TEMPLATE_KWARGS"),
         trust_request_chat_template=bool(settings.get("TRUST_REQUEST_CHAT_TEMPLATE", False)),
         exclude_tools_when_tool_choice_none=bool(settings.get("EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", False)),
+        tool_strict_level=strict,
     )
 
 

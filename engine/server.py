@@ -507,7 +507,7 @@ class EngineServer:
             chat, kwargs, parsers = rendered.chat, {}, None
             if chat is not None:
                 kwargs = self.chat.reasoning_kwargs(chat)
-                if self.chat.wants_parser(chat.request):
+                if self.chat.wants_parser(chat):
                     stream = req.prompt.stream  # type: ignore[union-attr]
                     parsers = lambda: self.chat.output_parser(chat, stream)  # noqa: E731
             if rendered.params.structured_outputs is not None:
