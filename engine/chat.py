@@ -8,13 +8,15 @@ content, reasoning and tool calls, piece by piece or, for a client that reads
 the whole answer, at the end.
 
 A forced call (`required`, or a named function) gets arguments valid under the
-tool's parameters whatever the parser: vLLM constrains them with a JSON schema
-for parsers that read forced calls as JSON, but for parsers with a structural tag
-(hermes, llama3_json, qwen3_xml, ...) it pins only the call's envelope unless the
-tool says `strict: true` (so SmolLM2 under hermes answered `"Paris"` for
-`{"city": ...}`), and parsers with neither constrain nothing. Forced calls
-therefore render through a second renderer: the same parser at strict level
-`parameter` where it has a structural tag, vLLM's JSON path where it has none.
+tool's parameters whatever the parser: it renders through vLLM's JSON path (the
+output constrained by a JSON schema of the tools' parameters and read back as
+JSON, as `vllm serve` did before parsers had structural tags). A parser's
+structural tag pins only a forced call's envelope unless the tool says
+`strict: true` (SmolLM2 under hermes answered `"Paris"` for `{"city": ...}`);
+even pinned, an XML format's grammar lets whitespace into values that its parser
+keeps (qwen3_xml gave `celsius` with a newline each side for an enum of
+`celsius`); and parsers with neither constrain nothing. The prompt is the same:
+the template still shows the model its tools.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.renderers.inputs.preprocess import extract_prompt_components
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
-from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
 from vllm_gateway.engine.args import ChatSettings
 from vllm_gateway.engine.failures import BadRequest, from_vllm_error
@@ -70,19 +71,6 @@ class RenderedChat:
 def forced(req: ChatCompletionRequest) -> bool:
     """The request must call a tool: `required`, or a named function."""
     return bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, pydantic.BaseModel))
-
-
-def forced_parser(settings: ChatSettings) -> tuple[str, str]:
-    """The tool parser and strict level that constrain a forced call's arguments
-    (see the module's docstring)."""
-    if not (settings.enable_auto_tools and settings.tool_parser):
-        return FORCED_ONLY, settings.tool_strict_level
-    cls = ToolParserManager.get_tool_parser(settings.tool_parser)
-    if cls.structural_tag_model is not None:
-        return settings.tool_parser, "parameter"
-    if cls.supports_required_and_named:
-        return settings.tool_parser, settings.tool_strict_level
-    return FORCED_ONLY, settings.tool_strict_level
 
 
 def _pydantic_error(e: pydantic.ValidationError) -> BadRequest:
@@ -126,10 +114,8 @@ class ChatRenderer:
                 tool_strict_level=strict_level,
             )
 
-        ToolStrictLevel.from_name(settings.tool_strict_level)  # refused at start, not per request
-        plain = (settings.tool_parser if auto else FORCED_ONLY, settings.tool_strict_level)
-        self.online = renderer(*plain)
-        self.forced = self.online if forced_parser(settings) == plain else renderer(*forced_parser(settings))
+        self.online = renderer(settings.tool_parser if auto else FORCED_ONLY, settings.tool_strict_level)
+        self.forced = renderer(FORCED_ONLY, settings.tool_strict_level) if auto else self.online
 
     def warmup(self) -> None:
         self.online.warmup()  # the forced renderer shares its template and tokenizer

@@ -250,3 +250,12 @@ def test_hub_json_in_the_hubs_conventions_and_read_by_the_code(vllm_parser):
     assert set(accepted) == set(with_options), "an enumeration without options, or options without a check"
     for key, values in with_options.items():
         assert set(values) <= accepted[key], (key, set(values) - accepted[key])
+
+
+def test_tool_strict_level_as_vllm_takes_it():
+    from vllm_gateway.engine.main import chat_settings
+
+    assert chat_settings(collect({}), None).tool_strict_level == "auto"
+    assert chat_settings(collect({"TOOL_STRICT_LEVEL": "parameter"}), None).tool_strict_level == "parameter"
+    with pytest.raises(ValueError, match="TOOL_STRICT_LEVEL='always'"):
+        chat_settings(collect({"TOOL_STRICT_LEVEL": "always"}), None)
