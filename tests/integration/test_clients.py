@@ -5,9 +5,15 @@ get typed answers from any model).
 
 LangChain's OpenAI and Anthropic chat models (invoke, stream, batch, tools,
 structured output), the OpenAI Agents SDK on Responses and on chat with a
-function tool, instructor's tools mode and pydantic-ai's structured output."""
+function tool, instructor's tools mode and pydantic-ai's structured output; and
+a short run of vLLM's benchmark tool, guidellm."""
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, Field
@@ -124,3 +130,28 @@ def test_pydantic_ai_structured_output(gateway_url):
     agent = Agent(model, output_type=City, retries=0, model_settings={"temperature": 0, "max_tokens": 60})
     result = agent.run_sync(QUESTION)
     assert isinstance(result.output, City) and result.output.city
+
+
+# ---------------------------------------------------------------- guidellm
+
+
+def test_guidellm_benchmark(gateway_url, tmp_path):
+    """vLLM's benchmark tool, as its docs run it (synthetic prompts, the model's
+    own tokenizer), for a short concurrent run: every request succeeds with the
+    output length asked for."""
+    from vllm_gateway.engine.default_model import ensure
+
+    cli = Path(sys.executable).with_name("guidellm")
+    proc = subprocess.run(
+        [str(cli), "run", "--backend", f"kind=openai_http,target={gateway_url},model={MODEL}",
+         "--profile", "kind=concurrent,streams=4", "--constraint", "kind=max_requests,count=8",
+         "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+         "--tokenizer", f"kind=huggingface_auto,model={ensure(None)}", "--output", "kind=json",
+         "--disable-console-interactive"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [bench] = json.loads((tmp_path / "benchmarks.json").read_text())["benchmarks"]
+    totals = bench["metrics"]["request_totals"]
+    assert (totals["successful"], totals["errored"], totals["incomplete"]) == (8, 0, 0)
+    assert bench["metrics"]["output_token_count"]["successful"]["total_sum"] == 8 * 16
