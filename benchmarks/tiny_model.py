@@ -30,5 +30,40 @@ def build(dest: Path) -> Path:
     return dest
 
 
+def build_vlm(dest: Path, image_size: int = 64, patch_size: int = 8) -> Path:
+    """A tiny random-weight vision-language model's folder (no weights): Idefics3's
+    architecture (SmolVLM's), a 1-layer vision tower over `image_size` pixels in
+    `patch_size` patches, pixel-shuffled 2x2 into (image_size / patch_size / 2)^2
+    prompt tokens per image, in front of the tiny text model; SmolLM2's tokenizer
+    with Idefics3's image tokens, and Idefics3's image processor without tiling.
+    Serve it with LOAD_FORMAT=dummy. (LLaVA's vLLM module imports Pixtral's, which
+    needs torchvision: the CPU build here has none.)"""
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3Processor, LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    text = build(dest / "text")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    # Idefics3's processor adds the image tokens it needs; the tiling tags too.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"] + [
+        f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]})
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size},
+                                       max_image_size={"longest_edge": image_size})
+    tokens = (image_size // patch_size // 2) ** 2
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=tokens,
+                                  chat_template=tokenizer.chat_template)
+    text_config = LlamaConfig.from_pretrained(text)
+    text_config.vocab_size = (len(processor.tokenizer) + 63) // 64 * 64
+    config = Idefics3Config(
+        text_config=text_config.to_dict(), scale_factor=2, image_token_id=processor.image_token_id,
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size),
+        pad_token_id=text_config.pad_token_id)
+    config.architectures = ["Idefics3ForConditionalGeneration"]
+    config.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    shutil.rmtree(dest / "text")
+    return dest
+
 if __name__ == "__main__":
     print(build(Path("benchmarks/results/tiny-smollm2")))
+    print(build_vlm(Path("benchmarks/results/tiny-vlm")))

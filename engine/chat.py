@@ -29,6 +29,7 @@ import pydantic
 from vllm.entrypoints.generate.base.protocol import DeltaMessage, ExtractedToolCallInformation
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.exceptions import VLLMValidationError
+from vllm.multimodal.media.connector import MediaConnector
 from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.renderers.inputs.preprocess import extract_prompt_components
 from vllm.renderers.online_renderer import OnlineRenderer
@@ -66,6 +67,31 @@ class RenderedChat:
     prompt_ids: list[int]
     chat_template_kwargs: dict[str, Any]
     parser_cls: Any  # vLLM's Parser class that reads its output (None: no parsers)
+
+
+# Content parts that carry media, and the key of their URL: what `media_parts` finds.
+_MEDIA = {"image_url": "image", "audio_url": "audio", "video_url": "video", "input_audio": "audio"}
+
+
+def media_parts(messages: list[dict]) -> list[tuple[str, str, str]]:
+    """Each media part of a conversation: its field (`messages[0].content[1]`), its
+    modality and its URL (a data URL for `input_audio`)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in _MEDIA:
+                continue
+            body = part.get(kind)
+            if kind == "input_audio":
+                url = f"data:audio/{body.get('format', 'wav')};base64,{body.get('data', '')}" if isinstance(body, dict) else ""
+            else:
+                url = body.get("url", "") if isinstance(body, dict) else body if isinstance(body, str) else ""
+            out.append((f"messages[{i}].content[{j}]", _MEDIA[kind], url))
+    return out
 
 
 def forced(req: ChatCompletionRequest) -> bool:
@@ -116,6 +142,9 @@ class ChatRenderer:
 
         self.online = renderer(settings.tool_parser if auto else FORCED_ONLY, settings.tool_strict_level)
         self.forced = renderer(FORCED_ONLY, settings.tool_strict_level) if auto else self.online
+        # Loads media the way vLLM's renderer does, to find the part a render failed on.
+        self.media = MediaConnector(allowed_local_media_path=llm.model_config.allowed_local_media_path,
+                                    allowed_media_domains=llm.model_config.allowed_media_domains)
 
     def warmup(self) -> None:
         self.online.warmup()  # the forced renderer shares its template and tokenizer
@@ -153,13 +182,26 @@ class ChatRenderer:
         try:
             result = await online.render_chat(req)
         except Exception as e:  # the template, the content format, media: the request's fault
-            raise from_vllm_error(e, "messages") from None
+            raise from_vllm_error(e, await self.part_at_fault(p.messages) or "messages") from None
         if not isinstance(result, tuple):  # vLLM's ErrorResponse
             raise BadRequest(result.error.message, result.error.param or "messages")
         _, (engine_input,) = result
         ids = extract_prompt_components(self.model_config, engine_input).token_ids
         return RenderedChat(req, engine_input, list(ids or []), online.effective_chat_template_kwargs(req),
                             online.parser)
+
+    async def part_at_fault(self, messages: list[dict]) -> str | None:
+        """The first media part that does not load, when rendering failed: vLLM's
+        error does not say which (a broken image, an unreachable URL, a file too
+        large). Only a failed request pays for the second look."""
+        fetch = {"image": self.media.fetch_image_async, "audio": self.media.fetch_audio_async,
+                 "video": self.media.fetch_video_async}
+        for field, modality, url in media_parts(messages):
+            try:
+                await fetch[modality](url)
+            except Exception:
+                return field
+        return None
 
     def wants_parser(self, chat: RenderedChat) -> bool:
         """vLLM's parsers read the output when it can hold reasoning or tool calls;
