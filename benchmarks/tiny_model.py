@@ -64,6 +64,37 @@ def build_vlm(dest: Path, image_size: int = 64, patch_size: int = 8) -> Path:
     shutil.rmtree(dest / "text")
     return dest
 
+
+def build_audio_lm(dest: Path) -> Path:
+    """A tiny random-weight audio-language model's folder (no weights): Qwen2-Audio's
+    architecture, a 1-layer Whisper-style encoder (128 mel bins) in front of a
+    1-layer Qwen2 text model the size of the tiny text one; SmolLM2's tokenizer with
+    Qwen2-Audio's audio tokens, and Whisper's feature extractor (16 kHz). A clip
+    takes one prompt token per 40 ms. Serve it with LOAD_FORMAT=dummy."""
+    from transformers import AutoTokenizer, Qwen2AudioConfig, Qwen2AudioProcessor, Qwen2Config
+    from transformers import WhisperFeatureExtractor
+
+    text = build(dest / "text")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer,
+                                    chat_template=tokenizer.chat_template)
+    small = json.loads((text / "config.json").read_text())
+    text_config = Qwen2Config(**{k: small[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                        "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                        "bos_token_id", "eos_token_id", "max_position_embeddings")},
+                              vocab_size=(len(tokenizer) + 63) // 64 * 64)
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128,
+                          num_mel_bins=128),
+        text_config=text_config.to_dict(), audio_token_index=processor.audio_token_id)
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    config.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    shutil.rmtree(dest / "text")
+    return dest
+
 if __name__ == "__main__":
     print(build(Path("benchmarks/results/tiny-smollm2")))
     print(build_vlm(Path("benchmarks/results/tiny-vlm")))
+    print(build_audio_lm(Path("benchmarks/results/tiny-audio")))

@@ -30,6 +30,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_gateway.engine.args import ChatSettings
+from vllm_gateway.engine.audio import resample_without_torchaudio
 from vllm_gateway.engine.chat import ChatRenderer
 from vllm_gateway.engine.embeddings import embed
 from vllm_gateway.engine.models import ServedModels
@@ -204,6 +205,7 @@ class EngineServer:
 
     async def run(self) -> int:
         started = time.monotonic()
+        resample_without_torchaudio()
         args = AsyncEngineArgs(**self.config.engine_args)
         # vLLM calls a per-engine stat logger factory with (vllm_config, engine_index).
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _LoadRecorder(self.load)])

@@ -42,7 +42,7 @@ def test_built_on_vllms_image_with_dependencies_in_their_own_layer():
     steps = _instructions()
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    vllm = re.search(r"vllm==([\d.]+)", cfg["options.extras_require"]["gpu"]).group(1)
+    vllm = re.search(r"vllm(?:\[[\w,]+\])?==([\d.]+)", cfg["options.extras_require"]["gpu"]).group(1)
     args = dict(re.match(r"(\w+)=(.*)", rest).groups() for word, rest in steps if word == "ARG" and "=" in rest)
     assert args["VLLM_IMAGE"] == f"vllm/vllm-openai:v{vllm}", "the base image is the vLLM the gpu extra pins"
 

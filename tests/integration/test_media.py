@@ -1,10 +1,11 @@
-"""Images end to end, on a tiny random-weight vision-language model built here
-(`benchmarks/tiny_model.build_vlm`: Idefics3's architecture, served with
-LOAD_FORMAT=dummy). Random weights say nothing, so what proves that an image
-reached the model is the prompt: each image adds the same number of prompt
-tokens (its patches), whichever way it came: a data URL, an `http` URL served on
-loopback by the test, a Responses `input_image`, an Anthropic `image` block or a
-RunPod job."""
+"""Images and audio end to end, on tiny random-weight models built here
+(`benchmarks/tiny_model.py`: a vision-language model of Idefics3's architecture,
+an audio-language model of Qwen2-Audio's; served with LOAD_FORMAT=dummy). Random
+weights say nothing, so what proves that a picture or a clip reached the model is
+the prompt: each image adds the same number of prompt tokens (its patches),
+whichever way it came (a data URL, an `http` URL served on loopback by the test,
+a Responses `input_image`, an Anthropic `image` block, a RunPod job), and a clip
+adds tokens in proportion to its length, whatever its sample rate."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import sys
 import threading
 
 import anthropic
+import numpy as np
 import openai
+import soundfile
 import pytest
 from PIL import Image
 
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import tiny_model  # noqa: E402
 
 VLM = "tiny-vlm"
+ALM = "tiny-audio"
 MAX_PIXELS = 200 * 200  # VLLM_MAX_IMAGE_PIXELS: a larger image is refused
 ASK = "Describe the picture."
 
@@ -174,3 +178,60 @@ def test_runpod_job_with_an_image(vlm, per_image):
     _, standard = queue.run({"messages": [{"role": "user", "content": content}], "sampling_params": {"max_tokens": 2}})
     assert standard["output"][0]["usage"]["input"] == text + added, standard
 
+
+
+# ---------------------------------------------------------------- audio
+
+
+def wav(seconds: float, rate: int = 16000) -> str:
+    """A tone, as base64 WAV."""
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    soundfile.write(buf, 0.3 * np.sin(2 * np.pi * 440 * t), rate, format="WAV")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def clip(data: str) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+
+
+@pytest.fixture(scope="module")
+def audio_chat(tmp_path_factory, run_dir):
+    folder = tiny_model.build_audio_lm(tmp_path_factory.mktemp("tiny-audio"))
+    endpoint = f"ipc://{run_dir}/engine-audio"
+    engine = Proc("engine-audio", ["vllm_gateway.engine", "--endpoint", endpoint],
+                  child_env(MODEL_NAME=str(folder), LOAD_FORMAT="dummy", SERVED_MODEL_NAME=ALM), run_dir,
+                  own_group=True)
+    port = free_port()
+    gateway = Proc("gateway-audio", ["vllm_gateway.gateway", "http", "--port", str(port), "--engine-endpoints",
+                                     endpoint], child_env(), run_dir)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", [engine, gateway], ENGINE_START_TIMEOUT_S)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        gateway.stop()
+        engine.stop()
+
+
+def audio_tokens(chat, content) -> int:
+    r = chat.chat.completions.create(model=ALM, max_tokens=2, messages=[{"role": "user", "content": content}])
+    return r.usage.prompt_tokens
+
+
+def test_audio_clips_reach_the_model(audio_chat):
+    text = audio_tokens(audio_chat, [{"type": "text", "text": ASK}])
+    one = audio_tokens(audio_chat, [{"type": "text", "text": ASK}, clip(wav(1.0))])
+    two = audio_tokens(audio_chat, [{"type": "text", "text": ASK}, clip(wav(2.0))])
+    assert two - one == 25  # Whisper's frames, halved twice: a token per 40 ms
+    assert one - text > 25  # and the audio tags around them
+    # the same second as an audio_url data URL, and at 8 kHz (resampled to the model's 16 kHz)
+    url = {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + wav(1.0)}}
+    assert audio_tokens(audio_chat, [{"type": "text", "text": ASK}, url]) == one
+    assert audio_tokens(audio_chat, [{"type": "text", "text": ASK}, clip(wav(1.0, rate=8000))]) == one
+
+
+def test_a_broken_clip_is_a_400_naming_its_part(audio_chat):
+    with pytest.raises(openai.BadRequestError) as e:
+        audio_chat.chat.completions.create(model=ALM, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "text", "text": ASK}, clip(base64.b64encode(b"not a sound").decode())]}])
+    assert e.value.body["param"] == "messages[0].content[1]", e.value.body
