@@ -244,6 +244,7 @@ def test_hub_json_in_the_hubs_conventions_and_read_by_the_code(vllm_parser):
         "TOOL_CALL_PARSER": registered(ToolParserManager), "REASONING_PARSER": registered(ReasoningParserManager),
         "DISTRIBUTED_EXECUTOR_BACKEND": {"mp", "ray", "uni", "external_launcher"},
         "CHAT_TEMPLATE_CONTENT_FORMAT": {"auto", "string", "openai"},
+        "TOOL_STRICT_LEVEL": {"auto", "function", "parameter"},
         "ENGINE_TASK": {"generate", "embed"}, "ROUTING": {"prefix", "least_loaded"},
     }
     with_options = {e["key"]: [o["value"] for o in e["input"]["options"]] for e in env if "options" in e["input"]}
