@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 
-from support import ENGINE_START_TIMEOUT_S, MODEL, Proc, child_env, free_port, stream_chat, wait_healthy
+from support import MODEL, child_env, serving, stream_chat
 
 PARAMS = {
     "type": "object",
@@ -44,15 +44,9 @@ def valid(name: str, arguments: str) -> dict:
 
 @pytest.fixture(scope="module", params=["hermes", "qwen3_xml", "dots"])
 def parser_url(request, run_dir):
-    port = free_port()
-    env = child_env(ENABLE_AUTO_TOOL_CHOICE="1", TOOL_CALL_PARSER=request.param)
-    proc = Proc(f"serve-{request.param}", ["vllm_gateway.gateway", "serve", "--port", str(port)], env, run_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
+    with serving(f"serve-{request.param}", child_env(ENABLE_AUTO_TOOL_CHOICE="1", TOOL_CALL_PARSER=request.param),
+                 run_dir) as (url, _):
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from support import ENGINE_START_TIMEOUT_S, MODEL, Proc, child_env, free_port, wait_healthy
+from support import MODEL, child_env, serving
 from support import ASK, WEATHER, stream_chat
 
 # ChatML that prints each message's content as it gets it: under
@@ -26,16 +26,10 @@ HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Pa
 
 @pytest.fixture(scope="module")
 def parsing_url(run_dir):
-    port = free_port()
     env = child_env(ENABLE_AUTO_TOOL_CHOICE="1", TOOL_CALL_PARSER="hermes", REASONING_PARSER="qwen3",
                     CHAT_TEMPLATE=TEMPLATE, CHAT_TEMPLATE_CONTENT_FORMAT="openai")
-    proc = Proc("serve-parsers", ["vllm_gateway.gateway", "serve", "--port", str(port)], env, run_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
+    with serving("serve-parsers", env, run_dir) as (url, _):
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

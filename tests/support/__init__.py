@@ -108,6 +108,20 @@ def wait_healthy(url: str, procs: list[Proc], timeout: float) -> None:
 
 
 @contextlib.contextmanager
+def serving(name: str, env: dict[str, str], run_dir: Path):
+    """`vllm-gateway serve` on a free port with `env`, once healthy: (its URL, its
+    process); stopped afterwards."""
+    port = free_port()
+    proc = Proc(name, ["vllm_gateway.gateway", "serve", "--port", str(port)], env, run_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
+        yield url, proc
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
 def engine_socket(endpoint: str):
     """A DEALER connected to an engine, as a gateway's (closed after)."""
     ctx = zmq.Context()
