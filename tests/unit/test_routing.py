@@ -68,6 +68,28 @@ def test_hot_prefix_spills_over_then_both_engines_hold_it():
     assert why == "prefix" and e is not home
 
 
+def test_one_system_prompt_for_every_request_under_a_burst_uses_both_engines():
+    """An application's one long system prompt, 64 requests at once (none done
+    yet, so each placed request counts as load at once, as `unreported` does):
+    the first engine takes it, the burst spills to the other once the first is
+    busier by the margin, then both hold the prompt and share the rest."""
+    engines = [Engine("e0"), Engine("e1")]
+    router = Router("prefix")  # the default margins: 8 requests and 1.5 times
+    system = {"role": "system", "content": "You are the support assistant of one shop. " * 60}
+    placed = []
+    for i in range(64):
+        g = Generate(f"r{i}", ChatPrompt([system, {"role": "user", "content": f"Question {i}: where is my order?"}]),
+                     SamplingParams())
+        e, why, _ = router.pick(engines, [g])
+        e.load += 1
+        placed.append((e, why))
+    counts = [sum(e is x for e, _ in placed) for x in engines]
+    assert abs(counts[0] - counts[1]) <= router.balance.abs + 1, counts
+    assert [why for _, why in placed].count("spill") == 1
+    prefix = block_hashes(prefix_key(Generate("x", ChatPrompt([system]), SamplingParams())))[:-1]
+    assert all(e.record.matched(prefix) == len(prefix) for e in engines)  # both caches hold it
+
+
 def test_least_loaded_ignores_prefixes():
     engines = [Engine("e0"), Engine("e1")]
     router = Router("least_loaded")
