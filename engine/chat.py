@@ -194,9 +194,12 @@ class ChatRenderer:
         """The first media part that does not load, when rendering failed: vLLM's
         error does not say which (a broken image, an unreachable URL, a file too
         large). Only a failed request pays for the second look."""
+        parts = media_parts(messages)
+        if parts and not self.model_config.is_multimodal_model:
+            return parts[0][0]  # a text-only model takes no media part at all
         fetch = {"image": self.media.fetch_image_async, "audio": self.media.fetch_audio_async,
                  "video": self.media.fetch_video_async}
-        for field, modality, url in media_parts(messages):
+        for field, modality, url in parts:
             try:
                 await fetch[modality](url)
             except Exception:

@@ -102,6 +102,10 @@ class EngineConnection:
         # engines before their reports catch up, and a report that crossed a
         # request on the wire does not make the engine look emptier than it is.
         self.sent = 0
+        # The latest of them (by `sent` count) whose answer came back: the engine
+        # took it and every one sent before it, whether or not a report says so
+        # yet (a quick request can end before the next report).
+        self.answered = 0
         self.routed = 0  # requests sent to this engine, ever
         self.choices: dict[str, int] = {}  # routing decisions that chose it, by reason
         self.record = PrefixRecord()  # what its KV cache likely holds (routing)
@@ -132,7 +136,7 @@ class EngineConnection:
     @property
     def unreported(self) -> int:
         s = self.status
-        return max(0, self.sent - s.received) if s is not None else 0
+        return max(0, self.sent - max(s.received, self.answered)) if s is not None else 0
 
     @property
     def load(self) -> float:
@@ -255,6 +259,7 @@ class EngineClient:
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)
         engine.sent += len(requests)
+        stream.seq = engine.sent
         engine.routed += len(requests)
         return stream
 
@@ -334,6 +339,8 @@ class EngineClient:
         live = [rid for rid in stream.request_ids if stream.engine.streams.pop(rid, None) is not None]
         if live and abort:
             stream.engine.send(Abort(live))
+        if stream.finished and stream.seq <= stream.engine.sent:
+            stream.engine.answered = max(stream.engine.answered, stream.seq)
         if stream.key_bytes and stream.finished and self.router.learn(stream.key_bytes, stream.prompt_tokens):
             for e in self.engines:
                 if e.status is not None:
@@ -416,6 +423,7 @@ class EngineClient:
         if previous is None or previous.instance != status.instance:
             engine.replayed = set()
             engine.sent = status.received  # a new life counts from its first report
+            engine.answered = 0
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
             engine.record.resize(status.kv_cache_tokens, self.router.bytes_per_token)
         if status.state not in ("ready", "draining") and engine.streams:

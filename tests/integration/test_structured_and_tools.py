@@ -171,7 +171,7 @@ def test_media_part_on_a_text_model_is_400(client):
              {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=5)
-    assert "multimodal" in e.value.body["message"] and e.value.body["param"] == "messages"
+    assert "multimodal" in e.value.body["message"] and e.value.body["param"] == "messages[0].content[1]"
 
 
 def test_text_parts_render_like_a_string(client):
