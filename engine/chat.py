@@ -141,7 +141,11 @@ class ChatRenderer:
             )
 
         self.online = renderer(settings.tool_parser if auto else FORCED_ONLY, settings.tool_strict_level)
-        self.forced = renderer(FORCED_ONLY, settings.tool_strict_level) if auto else self.online
+        # gpt-oss (Harmony) keeps vLLM's own handling: its calls are channels of its
+        # format, and vLLM composes its parser by setting class attributes, which a
+        # second renderer would overwrite for the first.
+        harmony = llm.model_config.hf_config.model_type == "gpt_oss"
+        self.forced = renderer(FORCED_ONLY, settings.tool_strict_level) if auto and not harmony else self.online
         # Loads media the way vLLM's renderer does, to find the part a render failed on.
         self.media = MediaConnector(allowed_local_media_path=llm.model_config.allowed_local_media_path,
                                     allowed_media_domains=llm.model_config.allowed_media_domains)
