@@ -339,9 +339,11 @@ class EngineClient:
         live = [rid for rid in stream.request_ids if stream.engine.streams.pop(rid, None) is not None]
         if live and abort:
             stream.engine.send(Abort(live))
-        if stream.finished and stream.seq <= stream.engine.sent:
+        if not stream.finished:
+            return
+        if stream.seq <= stream.engine.sent:  # of this engine life
             stream.engine.answered = max(stream.engine.answered, stream.seq)
-        if stream.key_bytes and stream.finished and self.router.learn(stream.key_bytes, stream.prompt_tokens):
+        if stream.key_bytes and self.router.learn(stream.key_bytes, stream.prompt_tokens):
             for e in self.engines:
                 if e.status is not None:
                     e.record.resize(e.status.kv_cache_tokens, self.router.bytes_per_token)

@@ -13,8 +13,9 @@ compute vLLM's block hashes; it keeps its own record instead, as SGLang's router
 does: per engine, a hash chain over fixed-size blocks of each request's prompt
 bytes (its text, its token ids, or its messages and tools as sent), most
 recently used first, cut to the engine's KV capacity (`EngineStatus.kv_cache_tokens`,
-at the bytes of key per prompt token learnt from the requests served, `Router.learn`). A request goes to the engine whose record holds the longest
-run of its leading blocks, unless that engine is busier than the least loaded by
+at the bytes of key per prompt token learnt from the requests served,
+`Router.learn`). A request goes to the engine whose record holds the longest run
+of its leading blocks, unless that engine is busier than the least loaded by
 more than the margin (`ROUTING_BALANCE_ABS` requests and `ROUTING_BALANCE_REL`
 times): then a hot prefix spills over to the least loaded, which caches it too.
 """
