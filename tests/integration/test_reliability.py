@@ -28,6 +28,7 @@ from support import (
     free_port,
     health,
     make_adapter,
+    serving,
     wait_healthy,
     wait_idle,
     wait_until,
@@ -102,8 +103,6 @@ def kv_events(run_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def box(run_dir, lora_root, kv_events, gateway_url):  # gateway_url: start after the shared engine, not beside it
-    port = free_port()
-
     def events(endpoint: str) -> str:
         return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint,
                            "topic": KV_TOPIC})
@@ -114,13 +113,8 @@ def box(run_dir, lora_root, kv_events, gateway_url):  # gateway_url: start after
         ENGINE_1_LORA_ROOT=str(lora_root / "sub"), ENGINE_STALL_TIMEOUT_S="6", ENGINE_TIMEOUT_S="3",
         KV_EVENTS_CONFIG=events(kv_events["bind"]), ENGINE_1_KV_EVENTS_CONFIG=events(kv_events["connect"]),
     )
-    proc = Proc("serve-reliability", ["vllm_gateway.gateway", "serve", "--port", str(port)], env, run_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [proc], ENGINE_START_TIMEOUT_S)
+    with serving("serve-reliability", env, run_dir) as (url, proc):
         yield url, proc
-    finally:
-        proc.stop()
 
 
 def both_ready(url: str, proc: Proc) -> list[dict]:
