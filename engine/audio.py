@@ -26,12 +26,13 @@ def resample_without_torchaudio() -> None:
     except ImportError:
         return
     init = AudioResampler.__init__
-    if "method" not in inspect.signature(init).parameters:
+    signature = inspect.signature(init)  # once: a resampler is made per request
+    if "method" not in signature.parameters:
         log.warning("vLLM's AudioResampler takes no method: audio resampling without torchaudio is not patched")
         return
 
     def without_torchaudio(self, *args, **kwargs) -> None:
-        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         if bound.arguments["method"] == "torchaudio":
             bound.arguments["method"] = "soxr"
