@@ -66,8 +66,11 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
     received: dict[bytes, int] = {}  # Generates taken from each gateway
 
     def status(ident: bytes) -> bytes:
-        return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, len(running), 0, 0.0, pid=os.getpid(),
-                                   protocol_version=PROTOCOL_VERSION, received=received.get(ident, 0)))
+        samples = sum(r.n for r in running.values())
+        mine = sum(r.n for r in running.values() if r.ident == ident)
+        return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, samples, 0, 0.0, pid=os.getpid(),
+                                   protocol_version=PROTOCOL_VERSION, received=received.get(ident, 0),
+                                   in_engine=mine))
 
     async def receive() -> None:
         while True:

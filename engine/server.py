@@ -353,6 +353,7 @@ class EngineServer:
             running_lora_adapters=list(load.running_lora_adapters),
             waiting_lora_adapters=list(load.waiting_lora_adapters),
             received=self.received.get(ident, 0) if ident is not None else 0,
+            in_engine=self._in_engine().get(ident, 0) if ident is not None else 0,
         )
 
     def _counted(self) -> int | None:
@@ -361,11 +362,22 @@ class EngineServer:
             return None
         return sum(self.generations.values())
 
+    def _in_engine(self) -> dict[bytes, int]:
+        """Each gateway's generations here now, n each (its share of `_counted`)."""
+        out: dict[bytes, int] = {}
+        owner = self.owner
+        for rid, n in self.generations.items():
+            ident = owner.get(rid)
+            if ident is not None:
+                out[ident] = out.get(ident, 0) + n
+        return out
+
     def _broadcast_status(self, state: str = "ready") -> None:
         status = self._status(state)
-        received = self.received
+        received, mine = self.received, self._in_engine()
         for ident in list(self.gateways):
-            self._send(ident, msgspec.structs.replace(status, received=received.get(ident, 0)))
+            self._send(ident, msgspec.structs.replace(status, received=received.get(ident, 0),
+                                                      in_engine=mine.get(ident, 0)))
 
     def _metrics_for(self, ident: bytes) -> EngineMetrics:
         m = self.metrics.get(ident)

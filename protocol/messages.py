@@ -34,8 +34,11 @@ from vllm_gateway.protocol.metrics import EngineMetrics
 #    status, embeddings, adapters loaded at run time;
 # 5: a status counts the requests its gateway sent that the engine has taken
 #    (`EngineStatus.received`); a gateway counts the rest as load of its own,
-#    which a version-4 engine's status (no count) would wipe out.
-PROTOCOL_VERSION = 5
+#    which a version-4 engine's status (no count) would wipe out;
+# 6: a status counts the gateway's own generations in the engine
+#    (`EngineStatus.in_engine`); a gateway counts its own from what it has in
+#    flight, and a version-5 status would have it count them twice.
+PROTOCOL_VERSION = 6
 
 # --------------------------------------------------------------------------- prompt
 
@@ -344,8 +347,13 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     waiting_lora_adapters: list[str] = []
     # `Generate`s taken from the gateway this status goes to, ever (this engine
     # life). They are in `running` + `waiting`; what the gateway sent beyond
-    # them is on its way, and the gateway counts it as load itself.
+    # them is on its way. (Superseded by `in_engine`; kept in the wire's order.)
     received: int = 0
+    # Of `running` + `waiting`, the generations of the gateway this status goes
+    # to (n each, as the scheduler counts). The gateway knows its own better than
+    # any report: those sent since are on their way, those ended since are gone
+    # (a report counts a request that just ended until the next one).
+    in_engine: int = 0
 
 
 EngineMessage = Union[Outputs, RequestFailed, EngineStatus, EngineMetrics, Tokens, Embeddings, Done]

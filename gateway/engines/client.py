@@ -97,15 +97,6 @@ class EngineConnection:
         self.last_seen = 0.0
         # Requests in flight on this engine: streams, and the one-answer requests.
         self.streams: dict[str, RequestStream | Reply] = {}
-        # Generates sent to this engine's life; those its latest report had not
-        # taken yet (`unreported`) count in routing, so that a burst spreads over
-        # engines before their reports catch up, and a report that crossed a
-        # request on the wire does not make the engine look emptier than it is.
-        self.sent = 0
-        # The latest of them (by `sent` count) whose answer came back: the engine
-        # took it and every one sent before it, whether or not a report says so
-        # yet (a quick request can end before the next report).
-        self.answered = 0
         self.routed = 0  # requests sent to this engine, ever
         self.choices: dict[str, int] = {}  # routing decisions that chose it, by reason
         self.record = PrefixRecord()  # what its KV cache likely holds (routing)
@@ -134,15 +125,19 @@ class EngineConnection:
         return any(m.name == model for m in self.models())
 
     @property
-    def unreported(self) -> int:
-        s = self.status
-        return max(0, self.sent - max(s.received, self.answered)) if s is not None else 0
+    def generating(self) -> int:
+        """This gateway's generations on the engine now, n each: sent and not yet
+        ended, as only the gateway knows between two reports (those sent since
+        the last are on their way; those that ended since are gone)."""
+        return sum(s.n for s in self.streams.values() if isinstance(s, RequestStream) and not s.finished)
 
     @property
     def load(self) -> float:
+        """Requests on the engine: other gateways' as of its latest report, and
+        this gateway's now; its KV-cache use breaks ties."""
         s = self.status
         assert s is not None
-        return s.running + s.waiting + self.unreported + s.kv_cache_usage
+        return max(0, s.running + s.waiting - s.in_engine) + self.generating + s.kv_cache_usage
 
     def send(self, msg: object) -> None:
         self.sock.send(encode(msg), copy=False)
@@ -258,8 +253,6 @@ class EngineClient:
         for r, frame in zip(requests, frames):
             engine.streams[r.request_id] = stream
             engine.sock.send(frame, copy=False)
-        engine.sent += len(requests)
-        stream.seq = engine.sent
         engine.routed += len(requests)
         return stream
 
@@ -341,8 +334,6 @@ class EngineClient:
             stream.engine.send(Abort(live))
         if not stream.finished:
             return
-        if stream.seq <= stream.engine.sent:  # of this engine life
-            stream.engine.answered = max(stream.engine.answered, stream.seq)
         if stream.key_bytes and self.router.learn(stream.key_bytes, stream.prompt_tokens):
             for e in self.engines:
                 if e.status is not None:
@@ -424,8 +415,6 @@ class EngineClient:
             engine.record.clear()  # a new process: its KV cache is empty
         if previous is None or previous.instance != status.instance:
             engine.replayed = set()
-            engine.sent = status.received  # a new life counts from its first report
-            engine.answered = 0
         if previous is None or previous.kv_cache_tokens != status.kv_cache_tokens:
             engine.record.resize(status.kv_cache_tokens, self.router.bytes_per_token)
         if status.state not in ("ready", "draining") and engine.streams:

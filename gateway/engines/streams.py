@@ -88,7 +88,7 @@ class RequestStream:
     raised after the output that came before it: the engine's (`StreamFailed`), or
     whatever `interrupt()` was given (a timeout, a client gone), at once."""
 
-    __slots__ = ("request_ids", "engine", "exact", "key_bytes", "prompt_tokens", "seq", "_unfinished", "_items",
+    __slots__ = ("request_ids", "engine", "exact", "key_bytes", "prompt_tokens", "n", "_unfinished", "_items",
                  "_waiter", "error")
 
     def __init__(self, request_ids: list[str], n: int, engine: Any, exact: bool = False, key_bytes: int = 0) -> None:
@@ -99,7 +99,7 @@ class RequestStream:
         # reported them when they finished: what the router learns from.
         self.key_bytes = key_bytes
         self.prompt_tokens = 0
-        self.seq = 0  # the engine's `sent` count once these were sent
+        self.n = n  # choices per engine request (samples, as vLLM's scheduler counts them)
         self._unfinished = len(request_ids) * n  # choices not yet ended
         self._items: list[Delta] = []
         self._waiter: asyncio.Future | None = None

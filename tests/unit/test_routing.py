@@ -70,7 +70,7 @@ def test_hot_prefix_spills_over_then_both_engines_hold_it():
 
 def test_one_system_prompt_for_every_request_under_a_burst_uses_both_engines():
     """An application's one long system prompt, 64 requests at once (none done
-    yet, so each placed request counts as load at once, as `unreported` does):
+    yet, so each placed request counts as load at once, as the gateway counts its own):
     the first engine takes it, the burst spills to the other once the first is
     busier by the margin, then both hold the prompt and share the rest."""
     engines = [Engine("e0"), Engine("e1")]
