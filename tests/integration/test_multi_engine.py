@@ -80,7 +80,7 @@ def test_prefix_routing_keeps_a_prefix_on_its_engine_and_spills_over(two_engines
         streams.append(Stream(url, 120, TENANT + f"Story {i}:"))
         wait_until(lambda: streams[-1].tokens >= 1, 120, "the stream to start", proc)
     in_flight = [e["in_flight"] for e in health(url)[1]["engines"]]
-    assert in_flight[home] == 3 and in_flight[1 - home] == 2, in_flight
+    assert in_flight[home] == 3 and in_flight[1 - home] == 2, (in_flight, streams, health(url)[1]["engines"])
     assert metric(url, "vllm_gateway:routing_decisions_total", reason="spill") == spills + 1
     for s in streams:
         s.join(300)
