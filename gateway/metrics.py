@@ -72,6 +72,7 @@ class _StreamBatches:
 
     def __init__(self, intakes: tuple[str, ...]) -> None:
         self.tallies = {intake: _Tally() for intake in intakes}
+        self.on_arrival = _Tally()
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily("vllm_gateway:stream_batches",
@@ -79,6 +80,10 @@ class _StreamBatches:
         for intake, tally in self.tallies.items():
             family.add_metric([intake], tally.value)
         yield family
+        yield CounterMetricFamily("vllm_gateway:stream_batches_on_arrival",
+                                  "Of the http stream writes, those made as the engine output arrived (the rest, "
+                                  "by the stream's task: first and last batches, clients slow to read).",
+                                  value=self.on_arrival.value)
 
 
 STREAM_BATCHES = _StreamBatches(("http", "runpod"))
@@ -89,6 +94,7 @@ TTFT = Histogram("vllm_gateway:time_to_first_token_seconds",
 
 HTTP_BATCHES = STREAM_BATCHES.tallies["http"]
 RUNPOD_BATCHES = STREAM_BATCHES.tallies["runpod"]
+HTTP_BATCHES_ON_ARRIVAL = STREAM_BATCHES.on_arrival
 
 _HELP = {
     "time_to_first_token_seconds": "Histogram of time to first token in seconds.",

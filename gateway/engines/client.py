@@ -386,6 +386,8 @@ class EngineClient:
     def _dispatch(self, engine: EngineConnection, deltas: list[Delta]) -> None:
         streams = engine.streams
         orphans: list[str] | None = None
+        # Each stream gets its output once per message (an SSE stream: one write).
+        touched: dict[int, RequestStream] = {}
         for d in deltas:
             stream = streams.get(d.request_id)
             if stream is None or isinstance(stream, Reply):
@@ -396,7 +398,10 @@ class EngineClient:
                     orphans = orphans or []
                     orphans.append(d.request_id)
                 continue
-            stream.push(d)
+            stream.add(d)
+            touched[id(stream)] = stream
+        for stream in touched.values():
+            stream.deliver()
         if orphans:
             engine.send(Abort(list(dict.fromkeys(orphans))))
 

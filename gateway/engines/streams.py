@@ -4,6 +4,7 @@ choice (or one answer), and how pieces of one choice join."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Union
 
 from vllm_gateway.protocol.messages import (
@@ -89,7 +90,7 @@ class RequestStream:
     whatever `interrupt()` was given (a timeout, a client gone), at once."""
 
     __slots__ = ("request_ids", "engine", "exact", "key_bytes", "prompt_tokens", "n", "_unfinished", "_items",
-                 "_waiter", "error")
+                 "_waiter", "error", "direct")
 
     def __init__(self, request_ids: list[str], n: int, engine: Any, exact: bool = False, key_bytes: int = 0) -> None:
         self.request_ids = request_ids
@@ -104,6 +105,12 @@ class RequestStream:
         self._items: list[Delta] = []
         self._waiter: asyncio.Future | None = None
         self.error: Exception | None = None
+        # A reader that takes output as it is delivered, in the receive path,
+        # rather than being woken for it: an SSE stream writes it to its socket
+        # (http/sse.py). It answers False when it cannot now (its reader is not
+        # waiting, its socket is full, the output ends the stream): then the
+        # waiting reader is woken as for any other.
+        self.direct: Callable[[], bool] | None = None
 
     @property
     def finished(self) -> bool:
@@ -121,13 +128,33 @@ class RequestStream:
         return len(self._items)
 
     def push(self, delta: Delta) -> None:
+        self.add(delta)
+        self.deliver()
+
+    def add(self, delta: Delta) -> None:
+        """Output arrived; the reader gets it at `deliver()` (once per engine message)."""
         if self.error is None:
             self._items.append(delta)
             if delta.finish_reason is not None:
                 self._unfinished -= 1
                 if delta.index == 0:
                     self.prompt_tokens += delta.num_prompt_tokens
+
+    def deliver(self) -> None:
+        direct = self.direct
+        if direct is None or not self._items or not direct():
             self._wake()
+
+    @property
+    def waiting(self) -> bool:
+        """The reader waits in `next()` for output."""
+        w = self._waiter
+        return w is not None and not w.done()
+
+    def take(self) -> list[Delta]:
+        """The output arrived and not taken yet (merged, unless `exact`)."""
+        items, self._items = self._items, []
+        return items if self.exact else merge(items)
 
     def fail(self, failure: RequestFailed) -> None:
         """The engine's failure: what it produced before still comes out first."""
@@ -159,8 +186,7 @@ class RequestStream:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        items, self._items = self._items, []
-        return items if self.exact else merge(items)
+        return self.take()
 
     def __aiter__(self) -> "RequestStream":
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from vllm_gateway.gateway import metrics
 from vllm_gateway.gateway.core.calls import CallRun, ClientGone
@@ -24,15 +25,18 @@ SSE_HEADERS = (
 class SSEResponse:
     """A streamed answer as server-sent events, one write per engine output batch.
 
-    Every streamed token passes through here, so the stream is written by a task
-    of its own (`_write`): a wake-up per batch resumes a few frames, not the
-    dozen of the ASGI app's middleware stack, and its writes go to the server's
-    own `send` (`GatewayApp`), past the middlewares' send wrappers, which only
-    look at the response's start. The app's coroutine waits for the stream's
-    end, and a second task for the client's disconnect (which ends the stream
-    and frees the engine slots at once)."""
+    Every streamed token passes through here. While the socket takes writes, a
+    batch is written where it arrives, in the engine client's receive path
+    (`_direct`, the stream's `direct` reader): no task wakes for it. Otherwise
+    (the first batch, the last, a socket whose client reads slowly, a server
+    other than uvicorn's httptools one) the stream's own task (`_write`) writes
+    it to the server's own `send` (`GatewayApp`), past the middlewares' send
+    wrappers, which only look at the response's start; a write waiting on a full
+    socket is what `StreamWatch` times. The app's coroutine waits for the
+    stream's end, and a second task for the client's disconnect (which ends the
+    stream and frees the engine slots at once)."""
 
-    __slots__ = ("run", "watch", "on_close", "blocked_since", "writer")
+    __slots__ = ("run", "watch", "on_close", "blocked_since", "writer", "_socket")
 
     def __init__(self, run: CallRun, watch: "StreamWatch | None" = None) -> None:
         self.run = run
@@ -40,20 +44,27 @@ class SSEResponse:
         self.on_close = None  # called once the stream is over (its admission place is freed)
         self.blocked_since: float | None = None  # a write waiting for the client to read, since
         self.writer: asyncio.Task | None = None
+        self._socket: Any = None  # uvicorn's response cycle, written to directly
 
     async def __call__(self, scope, receive, send) -> None:
         run = self.run
         gone = asyncio.ensure_future(disconnected(receive))
         gone.add_done_callback(lambda t: t.cancelled() or run.client_gone())
+        server_send = scope.get(SERVER_SEND, send)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
-            self.writer = asyncio.ensure_future(self._write(scope.get(SERVER_SEND, send)))
+            self.writer = asyncio.ensure_future(self._write(server_send))
             if self.watch is not None:
                 self.watch.streams.add(self)
+            if not run.stream_interval_s:  # batching waits on a timer: its task writes
+                self._socket = direct_socket(server_send)
+                if self._socket is not None:
+                    run.rs.direct = self._direct
             await asyncio.wait([self.writer])
             # Cancelled by the watch (a client that stopped reading): the response
             # ends incomplete and the server closes the connection.
         finally:
+            run.rs.direct = None
             if self.watch is not None:
                 self.watch.streams.discard(self)
             gone.cancel()
@@ -83,6 +94,43 @@ class SSEResponse:
             metrics.ERRORS.labels(e.type).inc()
             tail = wire.error(e) + wire.done
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _direct(self) -> bool:
+        """Write the output that arrived, now, if the stream's task waits for it
+        (it wrote the first batch), the output does not end the stream (the
+        task writes the end), and the socket takes it (what does not fit waits
+        for the task, and counts as unsent for `StreamWatch`)."""
+        rs = self.run.rs
+        sock = self._socket
+        if not rs.waiting or rs.finished or rs.error is not None or sock.flow.write_paused or sock.disconnected:
+            return False
+        batch = rs.take()
+        try:
+            chunks = self.run.call.fmt.chunks(batch)
+            if chunks:
+                event = self.run.call.wire.event
+                body = b"".join([event(c) for c in chunks])
+                sock.transport.write(b"%x\r\n%b\r\n" % (len(body), body))  # one chunk of the chunked body
+                metrics.HTTP_BATCHES.value += 1
+                metrics.HTTP_BATCHES_ON_ARRIVAL.value += 1
+        except Exception as e:  # noqa: BLE001 - ends the stream as the task would have
+            rs.interrupt(e)
+        return True
+
+
+def direct_socket(send) -> Any:
+    """uvicorn's response cycle behind its `send`, when a streamed body can be
+    written to its transport directly: what uvicorn's httptools protocol does
+    for a body part of a chunked response (uvicorn 0.30 to 0.54). None for any
+    other server, which then gets every write through `send`."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
+        return None
+    if not all(hasattr(cycle, a) for a in ("transport", "flow", "disconnected", "chunked_encoding")):
+        return None
+    if cycle.chunked_encoding is not True or getattr(cycle, "response_complete", True):
+        return None
+    return cycle
 
 
 class StreamWatch:

@@ -55,6 +55,9 @@ def test_counts_match_what_was_sent(gateway_url, client):
     assert delta("vllm_gateway:requests_total", route="/v1/chat/completions", status="400") == 1
     assert delta("vllm_gateway:errors_total", type="invalid_request_error") == 1
     assert delta("vllm_gateway:stream_batches_total", intake="http") >= 1
+    # the stream's middle tokens were written as they arrived (its first and last by its task)
+    assert 1 <= delta("vllm_gateway:stream_batches_on_arrival_total") <= delta("vllm_gateway:stream_batches_total",
+                                                                               intake="http") - 2
     assert delta("vllm_gateway:time_to_first_token_seconds_count") == 4
     assert value(after, "vllm_gateway:requests_in_flight") == 1  # this scrape itself
 
