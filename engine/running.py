@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from vllm_gateway.engine.outputs import OutputBuilder
-from vllm_gateway.engine.stats import RequestStats
+from vllm_gateway.engine.stats import CoreTimes, RequestStats
 from vllm_gateway.protocol.messages import Delta
 
 
@@ -62,6 +62,11 @@ class Running:
         except Exception as e:  # noqa: BLE001 - e.g. the engine died meanwhile
             early = e
         queue.put = self.on_output  # the instance attribute wins over the method
+        if self.stats.clock is not None:  # vLLM's per-iteration stats are off: its core timestamps are read here
+            core = getattr(queue, "core_times", None)
+            if core is None:
+                core = queue.core_times = CoreTimes()
+            self.stats.core = core
         if early is not None:
             self.on_output(early)
 

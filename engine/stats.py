@@ -1,9 +1,12 @@
 """Per-request timing and token counts, folded into each gateway's `EngineMetrics`.
 
 vLLM's own Prometheus logger measures the same things engine-wide; here they are
-kept per gateway (see protocol/metrics.py), from what `AsyncLLM.generate` yields:
-the time of each output, its new tokens, and at the end vLLM's request stats
-(queue, prefill and decode timestamps of the engine core).
+kept per gateway (see protocol/metrics.py), from what vLLM's output handler hands
+over: the time of each output, its new tokens, and the engine core's timestamps
+(queued, scheduled, each step's), from which the queue, prefill and decode times
+come. Those are read as vLLM's per-iteration stats read them (`IterationStats`),
+which this engine then turns off (`CoreTimes`, engine/server.py); where they
+stay on, from vLLM's request stats at the end.
 """
 
 from __future__ import annotations
@@ -13,11 +16,48 @@ import time
 from vllm_gateway.protocol.metrics import EngineMetrics
 
 
-class RequestStats:
-    __slots__ = ("metrics", "start", "first", "last", "outputs", "generated", "prompt_tokens")
+class StepClock:
+    """The engine core's timestamp of the step whose outputs are being handed over."""
 
-    def __init__(self, metrics: EngineMetrics) -> None:
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class CoreTimes:
+    """One request's engine-core timestamps, as vLLM's RequestStateStats names
+    them, read from the core's events as vLLM's `IterationStats` reads them."""
+
+    __slots__ = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts", "num_preemptions")
+
+    def __init__(self) -> None:
+        self.queued_ts = self.scheduled_ts = self.first_token_ts = self.last_token_ts = 0.0
+        self.num_preemptions = 0
+
+    def on_events(self, events: list, step_ts: float, queued: object, scheduled: object, preempted: object) -> None:
+        """Events come with a request's outputs, always with its first (queued,
+        scheduled); the types are vLLM's `EngineCoreEventType` members."""
+        if not self.first_token_ts:
+            self.first_token_ts = step_ts
+        for e in events:
+            kind = e.type
+            if kind == queued:
+                self.queued_ts = e.timestamp
+            elif kind == scheduled:
+                if not self.scheduled_ts:  # a preempted request's later schedules do not count
+                    self.scheduled_ts = e.timestamp
+            elif kind == preempted:
+                self.num_preemptions += 1
+
+
+class RequestStats:
+    __slots__ = ("metrics", "clock", "core", "start", "first", "last", "outputs", "generated", "prompt_tokens")
+
+    def __init__(self, metrics: EngineMetrics, clock: StepClock | None = None) -> None:
         self.metrics = metrics
+        self.clock = clock  # None: vLLM's own request stats are on, and read at the end
+        self.core: CoreTimes | None = None  # the engine core's timestamps, when read here
         self.start = time.monotonic()
         self.first = 0.0
         self.last = 0.0
@@ -42,11 +82,18 @@ class RequestStats:
         self.outputs += 1
         self.generated += new_tokens
         m.generation_tokens += new_tokens
+        core = self.core
+        if core is not None:
+            # An output handed over late (it came while the request was being
+            # attached) is stamped with a later step: no earlier than its first.
+            core.last_token_ts = max(self.clock.now, core.first_token_ts)
 
     def on_finish(self, reasons: list[str], core_stats: object | None) -> None:
         """`reasons`: the finish reason of each choice; `core_stats`: vLLM's
-        RequestStateStats of the request, when it has them."""
+        RequestStateStats of the request, when its own stats are on."""
         m = self.metrics
+        if core_stats is None:
+            core_stats = self.core
         now = time.monotonic()
         for r in reasons:
             m.finished(r)

@@ -83,3 +83,30 @@ def test_a_lagging_reader_gets_merged_deltas_unless_exact():
             assert [(d.text, d.token_ids) for d in await rs.next()] == expected
 
     asyncio.run(main())
+
+
+def test_a_direct_reader_takes_output_as_delivered_and_the_waiting_reader_the_rest():
+    async def main():
+        rs = RequestStream(["r"], 1, engine=None)
+        taken: list = []
+
+        def direct() -> bool:  # as an SSE stream's: only while its task waits, never the end
+            if not rs.waiting or rs.finished:
+                return False
+            taken.append([d.text for d in rs.take()])
+            return True
+
+        rs.direct = direct
+        reader = asyncio.ensure_future(rs.next())
+        await asyncio.sleep(0)  # the reader now waits
+        for text in ("a", "b"):
+            rs.add(Delta("r", 0, text, [1], 1))
+        rs.deliver()  # once per engine message: one take of both
+        await asyncio.sleep(0)
+        assert taken == [["ab"]] and not reader.done()
+        rs.add(Delta("r", 0, "c", [2], 1, "stop"))
+        rs.deliver()
+        assert [d.text for d in await reader] == ["c"] and taken == [["ab"]]
+        assert await rs.next() is None
+
+    asyncio.run(main())
