@@ -151,6 +151,8 @@ def _lighten_output_path(llm: AsyncLLM, own_stats: bool) -> StepClock | None:
       per token): what our metrics take from them, the engine core's queued and
       scheduled events and each step's timestamp, is read here instead, from
       the outputs that carry events (a request's first, and its preemptions).
+      The output handler (started with the engine) looks the processor's
+      `process_outputs` up at every step, so it finds the one set here.
       The engine core keeps its stats on: the scheduler's load comes from them.
       Returns the clock that `RequestStats` read then; None if this vLLM's
       output processor is not the one this was written for.
@@ -173,7 +175,7 @@ def _lighten_output_path(llm: AsyncLLM, own_stats: bool) -> StepClock | None:
         original = processor.process_outputs
     except (ImportError, AttributeError):
         return None
-    if not isinstance(states, dict) or getattr(llm, "output_handler", None) is not None:
+    if not isinstance(states, dict):
         return None
     clock = StepClock()
 
