@@ -38,16 +38,9 @@ class OutputBuilder:
         rid = self.req.request_id
         result = []
         for c in out.outputs:
-            delta = Delta(
-                request_id=rid,
-                index=c.index,
-                text=c.text,
-                token_ids=list(c.token_ids),
-                num_prompt_tokens=self.num_prompt,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                logprobs=sample_logprobs(c.token_ids, c.logprobs, self.k) if self.want_logprobs else None,
-            )
+            # Positional: this runs for every token of every stream.
+            delta = Delta(rid, c.index, c.text, list(c.token_ids), self.num_prompt, c.finish_reason, c.stop_reason,
+                          sample_logprobs(c.token_ids, c.logprobs, self.k) if self.want_logprobs else None)
             if self._new_parser is not None:
                 self._parse(delta)
             if delta.finish_reason is not None:

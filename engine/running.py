@@ -29,7 +29,7 @@ class Server(Protocol):
     running: dict[str, "Running"]
     progress: int  # outputs vLLM has handed over, ever
 
-    def queue_delta(self, ident: bytes, delta: Delta) -> None: ...
+    def queue_deltas(self, ident: bytes, deltas: list[Delta]) -> None: ...
 
     def forget(self, rid: str) -> None: ...
 
@@ -80,10 +80,12 @@ class Running:
             if isinstance(out, BaseException):
                 raise out
             builder = self.builder
-            self.stats.on_output(builder.num_prompt, sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
-            queue = self.server.queue_delta
-            for delta in builder.deltas(out):
-                queue(self.ident, delta)
+            deltas = builder.deltas(out)
+            new_tokens = 0
+            for d in deltas:
+                new_tokens += len(d.token_ids)
+            self.stats.on_output(builder.num_prompt, new_tokens, out.num_cached_tokens)
+            self.server.queue_deltas(self.ident, deltas)
             if out.finished:
                 self.ended = True
                 self.stats.on_finish(builder.reasons, out.metrics)

@@ -3,7 +3,7 @@
 Gateways connect DEALER sockets and send `Hello`, `Generate` and `Abort`. A
 `Generate` is rendered in a short task and added to vLLM; from then on vLLM's
 output handler feeds it (engine/running.py), and the deltas of all requests from
-one engine step go out as one `Outputs` message per gateway (see `queue_delta`).
+one engine step go out as one `Outputs` message per gateway (see `queue_deltas`).
 Aborting cancels the setup task, or asks vLLM to abort the request, which frees
 its slot and KV cache.
 """
@@ -527,14 +527,14 @@ class EngineServer:
         assert self.sock is not None
         self.sock.send_multipart([ident, encode(msg)], copy=False)
 
-    def queue_delta(self, ident: bytes, delta: Delta) -> None:
-        """Hold a delta until every request woken by the same engine step has had
-        its turn, then send them all in one message per gateway."""
+    def queue_deltas(self, ident: bytes, deltas: list[Delta]) -> None:
+        """Hold deltas until every request of the same engine step has had its
+        turn, then send them all in one message per gateway."""
         pending = self._pending.get(ident)
         if pending is None:
-            self._pending[ident] = [delta]
+            self._pending[ident] = deltas
         else:
-            pending.append(delta)
+            pending += deltas
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

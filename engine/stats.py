@@ -52,12 +52,13 @@ class CoreTimes:
 
 
 class RequestStats:
-    __slots__ = ("metrics", "clock", "core", "start", "first", "last", "outputs", "generated", "prompt_tokens")
+    __slots__ = ("metrics", "clock", "core", "start", "first", "last", "outputs", "generated", "prompt_tokens", "_itl")
 
     def __init__(self, metrics: EngineMetrics, clock: StepClock | None = None) -> None:
         self.metrics = metrics
         self.clock = clock  # None: vLLM's own request stats are on, and read at the end
         self.core: CoreTimes | None = None  # the engine core's timestamps, when read here
+        self._itl = metrics.histograms["inter_token_latency_seconds"]  # observed on every token
         self.start = time.monotonic()
         self.first = 0.0
         self.last = 0.0
@@ -77,7 +78,7 @@ class RequestStats:
             m.prefix_cache_hits += cached_tokens or 0
             m.observe("time_to_first_token_seconds", now - self.start)
         elif new_tokens:
-            m.observe("inter_token_latency_seconds", now - self.last)
+            self._itl.observe(now - self.last)
         self.last = now
         self.outputs += 1
         self.generated += new_tokens

@@ -36,7 +36,7 @@ class SSEResponse:
     stream's end, and a second task for the client's disconnect (which ends the
     stream and frees the engine slots at once)."""
 
-    __slots__ = ("run", "watch", "on_close", "blocked_since", "writer", "_socket")
+    __slots__ = ("run", "watch", "on_close", "blocked_since", "writer", "_socket", "_chunks", "_event")
 
     def __init__(self, run: CallRun, watch: "StreamWatch | None" = None) -> None:
         self.run = run
@@ -45,6 +45,8 @@ class SSEResponse:
         self.blocked_since: float | None = None  # a write waiting for the client to read, since
         self.writer: asyncio.Task | None = None
         self._socket: Any = None  # uvicorn's response cycle, written to directly
+        self._chunks = run.call.fmt.chunks
+        self._event = run.call.wire.event
 
     async def __call__(self, scope, receive, send) -> None:
         run = self.run
@@ -106,9 +108,9 @@ class SSEResponse:
             return False
         batch = rs.take()
         try:
-            chunks = self.run.call.fmt.chunks(batch)
+            chunks = self._chunks(batch)
             if chunks:
-                event = self.run.call.wire.event
+                event = self._event
                 body = b"".join([event(c) for c in chunks])
                 sock.transport.write(b"%x\r\n%b\r\n" % (len(body), body))  # one chunk of the chunked body
                 metrics.HTTP_BATCHES.value += 1
