@@ -122,9 +122,10 @@ class SSEResponse:
 
 def direct_socket(send) -> Any:
     """uvicorn's response cycle behind its `send`, when a streamed body can be
-    written to its transport directly: what uvicorn's httptools protocol does
-    for a body part of a chunked response (uvicorn 0.30 to 0.54). None for any
-    other server, which then gets every write through `send`."""
+    written to its transport directly, as uvicorn's httptools protocol writes a
+    body part of a chunked response (read in uvicorn 0.54). None for any other
+    server, or a uvicorn whose cycle lacks these attributes: then every write
+    goes through `send`."""
     cycle = getattr(send, "__self__", None)
     if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
         return None
