@@ -63,21 +63,18 @@ async def serve(endpoint: str, step_s: float, tokens_per_step: int, model: str) 
     instance = uuid.uuid4().hex[:12]
     running: dict[str, Request] = {}
     gateways: set[bytes] = set()
-    received: dict[bytes, int] = {}  # Generates taken from each gateway
 
     def status(ident: bytes) -> bytes:
         samples = sum(r.n for r in running.values())
         mine = sum(r.n for r in running.values() if r.ident == ident)
         return encode(EngineStatus("synthetic", instance, "ready", model, 1 << 20, samples, 0, 0.0, pid=os.getpid(),
-                                   protocol_version=PROTOCOL_VERSION, received=received.get(ident, 0),
-                                   in_engine=mine))
+                                   protocol_version=PROTOCOL_VERSION, in_engine=mine))
 
     async def receive() -> None:
         while True:
             ident, payload = await sock.recv_multipart()
             msg = decode_gateway_message(payload)
             if isinstance(msg, Generate):
-                received[ident] = received.get(ident, 0) + 1
                 running[msg.request_id] = Request(msg.request_id, ident, msg.params.max_tokens or 16, msg.params.n)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:

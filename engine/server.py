@@ -218,9 +218,6 @@ class EngineServer:
         # Generations here (taken, being set up or in vLLM): request id -> its n,
         # as vLLM's scheduler counts each sample.
         self.generations: dict[str, int] = {}
-        # Generates taken from each gateway, ever (kept when a gateway is
-        # forgotten: one that comes back counts on from there).
-        self.received: dict[bytes, int] = {}
         self.gateways: dict[bytes, float] = {}  # identity -> last Hello (monotonic)
         self.incompatible: set[bytes] = set()  # gateways of another protocol version
         self.metrics: dict[bytes, EngineMetrics] = {}  # per gateway: its requests only
@@ -357,7 +354,6 @@ class EngineServer:
 
     def _start(self, ident: bytes, req: Generate) -> None:
         rid = req.request_id
-        self.received[ident] = self.received.get(ident, 0) + 1
         if self.draining:  # sent before its gateway learnt of the drain: the client gets a 503 to retry
             self._send(ident, RequestFailed(rid, FailureKind.ENGINE_UNAVAILABLE, "the engine is stopping"))
             return
@@ -370,7 +366,7 @@ class EngineServer:
         self.tasks[rid] = asyncio.create_task(self._generate(ident, req))
 
     def _status(self, state: str = "ready", ident: bytes | None = None) -> EngineStatus:
-        """The status for the gateway `ident` (its `received`); for all, see `_broadcast_status`."""
+        """The status for the gateway `ident` (its `in_engine`); for all, see `_broadcast_status`."""
         load = self.load
         running, waiting = load.now(self._counted())
         if self.stalled or (self.llm is not None and self.llm.errored):
@@ -396,7 +392,6 @@ class EngineServer:
             max_loras=self.max_loras,
             running_lora_adapters=list(load.running_lora_adapters),
             waiting_lora_adapters=list(load.waiting_lora_adapters),
-            received=self.received.get(ident, 0) if ident is not None else 0,
             in_engine=self._in_engine().get(ident, 0) if ident is not None else 0,
         )
 
@@ -418,10 +413,9 @@ class EngineServer:
 
     def _broadcast_status(self, state: str = "ready") -> None:
         status = self._status(state)
-        received, mine = self.received, self._in_engine()
+        mine = self._in_engine()
         for ident in list(self.gateways):
-            self._send(ident, msgspec.structs.replace(status, received=received.get(ident, 0),
-                                                      in_engine=mine.get(ident, 0)))
+            self._send(ident, msgspec.structs.replace(status, in_engine=mine.get(ident, 0)))
 
     def _metrics_for(self, ident: bytes) -> EngineMetrics:
         m = self.metrics.get(ident)

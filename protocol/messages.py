@@ -345,9 +345,8 @@ class EngineStatus(msgspec.Struct, tag="status", array_like=True):
     max_loras: int = 0
     running_lora_adapters: list[str] = []
     waiting_lora_adapters: list[str] = []
-    # `Generate`s taken from the gateway this status goes to, ever (this engine
-    # life). They are in `running` + `waiting`; what the gateway sent beyond
-    # them is on its way. (Superseded by `in_engine`; kept in the wire's order.)
+    # Version 5's count of the gateway's requests taken, ever; no longer sent
+    # (`in_engine` says more), kept for the wire's order.
     received: int = 0
     # Of `running` + `waiting`, the generations of the gateway this status goes
     # to (n each, as the scheduler counts). The gateway knows its own better than
