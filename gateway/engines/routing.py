@@ -184,7 +184,8 @@ class Router:
         """The engine for a client request's prompts (`engines`: ready, serving the
         model; not empty), why it was chosen, and the bytes of its prompts' keys
         (for `learn`; 0 under least-loaded)."""
-        least = min(engines, key=lambda e: e.load)
+        loads = {id(e): e.load for e in engines}  # each one a look over the engine's streams
+        least = min(engines, key=lambda e: loads[id(e)])
         if self.policy == "least_loaded":
             return least, "least_loaded", 0
         keys = [prefix_key(g) for g in gens]
@@ -193,9 +194,9 @@ class Router:
         why: Choice = "least_loaded"
         if len(engines) > 1 and any(chains):
             matched = {id(e): sum(e.record.matched(c) for c in chains) for e in engines}
-            least_load = least.load
-            eligible = [e for e in engines if self.balance.within(e.load, least_load)]
-            best = max(eligible, key=lambda e: (matched[id(e)], -e.load))
+            least_load = loads[id(least)]
+            eligible = [e for e in engines if self.balance.within(loads[id(e)], least_load)]
+            best = max(eligible, key=lambda e: (matched[id(e)], -loads[id(e)]))
             if matched[id(best)]:
                 chosen, why = best, "prefix"
             elif any(matched.values()):
