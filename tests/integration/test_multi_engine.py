@@ -77,7 +77,7 @@ def test_prefix_routing_keeps_a_prefix_on_its_engine_and_spills_over(two_engines
     spills = metric(url, "vllm_gateway:routing_decisions_total", reason="spill")
     streams = []
     for i in range(5):
-        streams.append(Stream(url, 120, TENANT + f"Story {i}:"))
+        streams.append(Stream(url, 400, TENANT + f"Story {i}:"))  # still running when the fifth starts
         wait_until(lambda: streams[-1].tokens >= 1, 120, "the stream to start", proc)
     in_flight = [e["in_flight"] for e in health(url)[1]["engines"]]
     assert in_flight[home] == 3 and in_flight[1 - home] == 2, (in_flight, streams, health(url)[1]["engines"])
