@@ -132,12 +132,19 @@ class EngineConnection:
         return sum(s.n for s in self.streams.values() if isinstance(s, RequestStream) and not s.finished)
 
     @property
-    def load(self) -> float:
+    def load(self) -> int:
         """Requests on the engine: other gateways' as of its latest report, and
-        this gateway's now; its KV-cache use breaks ties."""
+        this gateway's now."""
         s = self.status
         assert s is not None
-        return max(0, s.running + s.waiting - s.in_engine) + self.generating + s.kv_cache_usage
+        return max(0, s.running + s.waiting - s.in_engine) + self.generating
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Its KV cache's use as of its latest report: breaks ties of load, never
+        weighs against a margin counted in requests."""
+        s = self.status
+        return s.kv_cache_usage if s is not None else 0.0
 
     def send(self, msg: object) -> None:
         self.sock.send(encode(msg), copy=False)
@@ -348,7 +355,7 @@ class EngineClient:
         ready = self._ready(model)
         if not ready:
             return None
-        return min(ready, key=lambda e: e.load)
+        return min(ready, key=lambda e: (e.load, e.kv_cache_usage))
 
     # ------------------------------------------------------------------ receiving
 

@@ -57,7 +57,10 @@ class Routable(Protocol):
     """What the router needs of an engine connection."""
 
     @property
-    def load(self) -> float: ...
+    def load(self) -> float: ...  # requests
+
+    @property
+    def kv_cache_usage(self) -> float: ...  # breaks ties of load
 
     record: "PrefixRecord"
 
@@ -184,7 +187,10 @@ class Router:
         """The engine for a client request's prompts (`engines`: ready, serving the
         model; not empty), why it was chosen, and the bytes of its prompts' keys
         (for `learn`; 0 under least-loaded)."""
-        loads = {id(e): e.load for e in engines}  # each one a look over the engine's streams
+        # (requests, KV-cache use), each one a look over the engine's streams. The
+        # margins weigh requests alone: a fraction of KV cache on top would make a
+        # load of exactly the margin count as over it.
+        loads = {id(e): (e.load, e.kv_cache_usage) for e in engines}
         least = min(engines, key=lambda e: loads[id(e)])
         if self.policy == "least_loaded":
             return least, "least_loaded", 0
@@ -194,9 +200,9 @@ class Router:
         why: Choice = "least_loaded"
         if len(engines) > 1 and any(chains):
             matched = {id(e): sum(e.record.matched(c) for c in chains) for e in engines}
-            least_load = loads[id(least)]
-            eligible = [e for e in engines if self.balance.within(loads[id(e)], least_load)]
-            best = max(eligible, key=lambda e: (matched[id(e)], -loads[id(e)]))
+            least_load = loads[id(least)][0]
+            eligible = [e for e in engines if self.balance.within(loads[id(e)][0], least_load)]
+            best = max(eligible, key=lambda e: (matched[id(e)], -loads[id(e)][0], -loads[id(e)][1]))
             if matched[id(best)]:
                 chosen, why = best, "prefix"
             elif any(matched.values()):

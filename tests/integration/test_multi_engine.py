@@ -38,9 +38,11 @@ def test_engines_bound_to_their_own_cores(two_engines):
 
 
 def both_ready(url: str, proc: Proc) -> dict:
-    """Each test starts from two ready engines, whatever the one before left."""
-    return wait_until(lambda: (lambda s, h: s == 200 and all(e["ready"] for e in h["engines"]) and h)(*health(url)),
-                      300, "both engines ready", proc)
+    """Each test starts from two ready, idle engines, whatever the one before left
+    (a test that failed with streams held open leaves them running: counted on
+    the engines, they would fail the next test's counts too)."""
+    return wait_until(lambda: (lambda s, h: s == 200 and all(e["ready"] and not e["in_flight"] for e in h["engines"])
+                               and h)(*health(url)), 300, "both engines ready and idle", proc)
 
 
 def metric(url: str, name: str, **labels: str) -> float:

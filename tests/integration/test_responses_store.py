@@ -247,9 +247,9 @@ def test_a_flood_of_large_stored_bodies_stays_within_the_bound(engine_endpoint, 
         for i in range(80):
             made.append(c.responses.create(model=MODEL, input=FRANCE, max_output_tokens=1, metadata=big).id)
             for rid in list(running) if i % 4 == 0 else ():  # no running background response disappears
-                status = c.responses.retrieve(rid).status
-                if status not in ("queued", "in_progress"):
-                    assert status == "incomplete" and c.responses.retrieve(rid).usage.output_tokens == 300
+                r = c.responses.retrieve(rid)
+                if r.status not in ("queued", "in_progress"):
+                    assert r.status == "incomplete" and r.usage.output_tokens == 300, (r.error, proc.tail())
                     running.discard(rid)  # finished: evictable from now on, like any other
         grown = psutil.Process(proc.popen.pid).memory_info().rss - rss
         with sqlite3.connect(path) as db:

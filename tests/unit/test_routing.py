@@ -23,6 +23,7 @@ class Engine:
     def __init__(self, name: str) -> None:
         self.name = name
         self.load = 0.0
+        self.kv_cache_usage = 0.0
         self.record = PrefixRecord()
 
     def __repr__(self) -> str:
@@ -56,11 +57,16 @@ def test_same_prefix_same_engine_and_tenants_spread():
             assert (e, why) == (first[t][0], "prefix")
 
 
-def test_hot_prefix_spills_over_then_both_engines_hold_it():
+@pytest.mark.parametrize("home_kv", [0.0, 0.3])
+def test_hot_prefix_spills_over_then_both_engines_hold_it(home_kv):
+    """The margin counts requests: the KV cache the home engine's streams fill
+    (the CI failure of test_multi_engine's spill test) does not spill the third."""
     engines = [Engine("e0"), Engine("e1")]
     router = Router("prefix", Balance(abs=2, rel=1.5))
-    placed = [route(router, engines, TENANT["A"] + f"q{i}") for i in range(4)]
+    placed = [route(router, engines, TENANT["A"] + "q0")]
     home = placed[0][0]
+    home.kv_cache_usage = home_kv
+    placed += [route(router, engines, TENANT["A"] + f"q{i}") for i in range(1, 4)]
     assert [e for e, _ in placed[:3]] == [home] * 3
     assert placed[3][1] == "spill" and placed[3][0] is not home
     # Now both engines hold the prefix: ties go to the less loaded.
