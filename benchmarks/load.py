@@ -38,6 +38,7 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # arrival of each content chunk
+    index: int = -1  # which of the bodies (results come in the order they end)
 
 
 def random_prompt(rng: random.Random, words: int) -> str:
@@ -152,7 +153,9 @@ async def run_load(base_url: str, *, model: str | None = None, endpoint: str = "
 
         async def worker(i: int) -> None:
             async with sem:
-                results.append(await one_request(session, url, bodies[i], chat))
+                res = await one_request(session, url, bodies[i], chat)
+                res.index = i
+                results.append(res)
 
         async def show() -> None:
             while True:

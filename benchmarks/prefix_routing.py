@@ -114,12 +114,34 @@ def workloads(a: argparse.Namespace, seed: int) -> dict[str, list[str]]:
     return {"shared_prefixes": shared, "no_shared_prefixes": unshared}
 
 
+def ttft_by_kind(prompts: list[str], results: list) -> dict[str, dict]:
+    """TTFT of each tenant's first request (sent while no engine holds its prefix:
+    a miss under either policy) apart from the rest (a hit where the tenant's
+    prefix is cached: under prefix routing, all of them), with how many took over
+    a second: what a hit costs when it shares an engine's steps with a miss."""
+    seen: set[str] = set()
+    kind = []
+    for p in prompts:
+        head = p.split("\n", 1)[0]
+        kind.append("repeat" if head in seen else "first")
+        seen.add(head)
+    out = {}
+    for k in ("first", "repeat"):
+        ttfts = sorted(r.ttft for r in results if r.ok and 0 <= r.index < len(kind) and kind[r.index] == k)
+        if ttfts:
+            out[k] = {"n": len(ttfts), "p50_s": round(statistics.median(ttfts), 3),
+                      "over_1s": sum(t > 1.0 for t in ttfts)}
+    return out
+
+
 def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict:
     port = free_port()
     env = dict(os.environ, NUM_ENGINES="2", ROUTING=policy, VLLM_CPU_KVCACHE_SPACE=str(a.kv_cache_gib),
                MAX_MODEL_LEN=str(a.max_model_len), LOG_LEVEL="WARNING", ENABLE_PREFIX_CACHING="1")
     if a.model:
         env["MODEL_NAME"] = a.model
+    if a.max_num_batched_tokens:
+        env["MAX_NUM_BATCHED_TOKENS"] = str(a.max_num_batched_tokens)
     print(f"== {policy}: starting", file=sys.stderr)
     proc = subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -132,9 +154,10 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
             q0, h0 = cache_counters(base)
             timeline = Timeline(base)
             timeline.start()
-            summary, _ = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency, num_requests=len(prompts),
+            summary, results = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency, num_requests=len(prompts),
                                               output_len=a.output_len, prompts=prompts, progress=False))
             summary["timeline"] = timeline.stop()
+            summary["ttft_by_kind"] = ttft_by_kind(prompts, results)
             time.sleep(1.5)  # the engines report their counters once a second
             q1, h1 = cache_counters(base)
             summary["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else 0.0
@@ -143,7 +166,10 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
                   f"failures {summary['failures']}", file=sys.stderr)
             out[name] = {k: summary[k] for k in ("requests", "failures", "duration_s", "output_tokens_per_s",
                                                  "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
-                                                 "prefix_cache_hit_rate", "timeline")}
+                                                 "prefix_cache_hit_rate", "ttft_by_kind", "timeline")}
+            kinds = summary["ttft_by_kind"]
+            print(f"== {policy} / {name}: TTFT by kind " + ", ".join(
+                f"{k}: n={v['n']} p50 {v['p50_s']} s, {v['over_1s']} over 1 s" for k, v in kinds.items()), file=sys.stderr)
     finally:
         stop([proc], timeout=120)
         time.sleep(3)  # let the engines' vLLM processes go
@@ -162,6 +188,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="per engine; SmolLM2-135M in float32: ~23,000 tokens")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="vLLM's token budget per step (0: its default, 2048 on CPU): how long a miss's prefill holds a step")
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/prefix_routing.json")
     a = p.parse_args()
