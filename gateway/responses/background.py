@@ -113,6 +113,7 @@ class Runner:
 
     async def _fail(self, fmt: ResponsesFormatter, conversation: list[dict[str, Any]], owner: str | None,
                     code: str, message: str) -> None:
+        log.warning("background response %s failed: %s (%s)", fmt.book.id, message, code)
         failed = fmt.snapshot("failed")
         failed.error = ResponseError(code, message)
         await self._append(failed.id, [Failed(response=failed, sequence_number=fmt.seq)])
