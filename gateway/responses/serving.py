@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from typing import Any
@@ -31,6 +32,8 @@ from vllm_gateway.gateway.responses.schemas import (
     ResponseStreamEvent,
 )
 from vllm_gateway.gateway.responses.store import Record, ResponseStore, Stored
+
+log = logging.getLogger("gateway.responses")
 
 
 def _event(obj: Any) -> bytes:
@@ -84,6 +87,8 @@ async def read(rs: Responses, response_id: str, owner: str | None) -> Stored | N
     stored = await rs.store.get(response_id, owner)
     if (stored is not None and stored.running and response_id not in rs.runner.tasks
             and stored.lease < time.time()):
+        log.warning("background response %s: its gateway's lease lapsed %.1f s ago; ending it failed",
+                    response_id, time.time() - stored.lease)
         failed = msgspec.structs.replace(stored.response, status="failed", error=ResponseError(
             "server_error", "the gateway running this response stopped before it finished"))
         await rs.store.update(failed, stored.record.conversation, owner)
