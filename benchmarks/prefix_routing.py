@@ -134,6 +134,20 @@ def ttft_by_kind(prompts: list[str], results: list) -> dict[str, dict]:
     return out
 
 
+def balance(timeline: list[dict]) -> dict:
+    """From a phase's timeline: the seconds sampled with both engines reporting, and
+    those in which one had nothing to do while the other had requests."""
+    seconds = idle = 0
+    for sample in timeline:
+        engines = sample["engines"].values()
+        if len(engines) < 2:
+            continue
+        seconds += 1
+        loads = [e.get("running", 0) + e.get("waiting", 0) for e in engines]
+        idle += min(loads) == 0 < max(loads)
+    return {"seconds": seconds, "one_engine_idle": idle}
+
+
 def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict:
     port = free_port()
     env = dict(os.environ, NUM_ENGINES="2", ROUTING=policy, VLLM_CPU_KVCACHE_SPACE=str(a.kv_cache_gib),
@@ -158,6 +172,7 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
                                               output_len=a.output_len, prompts=prompts, progress=False))
             summary["timeline"] = timeline.stop()
             summary["ttft_by_kind"] = ttft_by_kind(prompts, results)
+            summary["balance"] = balance(summary["timeline"])
             time.sleep(1.5)  # the engines report their counters once a second
             q1, h1 = cache_counters(base)
             summary["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else 0.0
@@ -166,10 +181,12 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
                   f"failures {summary['failures']}", file=sys.stderr)
             out[name] = {k: summary[k] for k in ("requests", "failures", "duration_s", "output_tokens_per_s",
                                                  "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
-                                                 "prefix_cache_hit_rate", "ttft_by_kind", "timeline")}
+                                                 "prefix_cache_hit_rate", "ttft_by_kind", "balance", "timeline")}
             kinds = summary["ttft_by_kind"]
             print(f"== {policy} / {name}: TTFT by kind " + ", ".join(
-                f"{k}: n={v['n']} p50 {v['p50_s']} s, {v['over_1s']} over 1 s" for k, v in kinds.items()), file=sys.stderr)
+                f"{k}: n={v['n']} p50 {v['p50_s']} s, {v['over_1s']} over 1 s" for k, v in kinds.items())
+                  + f"; one engine idle in {summary['balance']['one_engine_idle']} of {summary['balance']['seconds']} s",
+                  file=sys.stderr)
     finally:
         stop([proc], timeout=120)
         time.sleep(3)  # let the engines' vLLM processes go
