@@ -168,8 +168,9 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
             q0, h0 = cache_counters(base)
             timeline = Timeline(base)
             timeline.start()
-            summary, results = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency, num_requests=len(prompts),
-                                              output_len=a.output_len, prompts=prompts, progress=False))
+            summary, results = asyncio.run(run_load(base + "/v1", concurrency=a.concurrency,
+                                                    num_requests=len(prompts), output_len=a.output_len,
+                                                    prompts=prompts, progress=False))
             summary["timeline"] = timeline.stop()
             summary["ttft_by_kind"] = ttft_by_kind(prompts, results)
             summary["balance"] = balance(summary["timeline"])

@@ -249,7 +249,8 @@ def test_a_flood_of_large_stored_bodies_stays_within_the_bound(engine_endpoint, 
             for rid in list(running) if i % 4 == 0 else ():  # no running background response disappears
                 r = c.responses.retrieve(rid)
                 if r.status not in ("queued", "in_progress"):
-                    assert r.status == "incomplete" and r.usage.output_tokens == 300, (r.error, proc.tail(), engine_endpoint[1].tail(20))
+                    assert r.status == "incomplete" and r.usage.output_tokens == 300, (
+                        r.error, proc.tail(), engine_endpoint[1].tail(20))
                     running.discard(rid)  # finished: evictable from now on, like any other
         grown = psutil.Process(proc.popen.pid).memory_info().rss - rss
         with sqlite3.connect(path) as db:
