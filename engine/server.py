@@ -39,6 +39,7 @@ from vllm_gateway.engine.inputs import InputRenderer
 from vllm_gateway.engine.outputs import OutputBuilder
 from vllm_gateway.engine.running import Running
 from vllm_gateway.engine.stats import CoreTimes, RequestStats, StepClock
+from vllm_gateway.engine.watchdog import LoopWatchdog
 from vllm_gateway.protocol.endpoints import make_ipc_folder
 from vllm_gateway.protocol.metrics import EngineMetrics
 from vllm_gateway.protocol.transport import ServerKeys, secure_server
@@ -291,7 +292,10 @@ class EngineServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
         workers = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._status_loop())]
+        watchdog = LoopWatchdog(loop)
+        watchdog.start()
         await self._stopping.wait()
+        watchdog.stop()
         log.info("engine %s stopping", self.config.engine_id)
         for t in workers:
             t.cancel()

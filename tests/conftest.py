@@ -4,6 +4,7 @@ integration tests use them; the unit tests need neither). Helpers: support/."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -54,3 +55,24 @@ def client(gateway_url):
 def http(gateway_url):
     with httpx.Client(base_url=gateway_url, timeout=120) as c:
         yield c
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the end of every process log written while it ran:
+    CI keeps nothing else of a run, and a failure across processes (an engine
+    judged silent, a request lost) is found only in their logs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    root = item.config._tmp_path_factory.getbasetemp()
+    started = time.time() - call.duration - 1
+    for path in sorted(root.rglob("*.log")):
+        try:
+            if path.stat().st_mtime < started:
+                continue
+            lines = path.read_text(errors="replace").splitlines()[-40:]
+        except OSError:
+            continue
+        report.sections.append((f"log {path.relative_to(root)}", "\n".join(lines)))

@@ -371,8 +371,12 @@ class EngineClient:
             # gateway must not make a working engine look silent.
             engine.last_seen = time.monotonic()
             handler = self._handlers.get(type(msg))
-            if handler is not None:
+            if handler is None:
+                continue
+            try:
                 handler(engine, msg)
+            except Exception:  # a bug in one handler must not deafen the gateway to the engine
+                log.exception("handling a %s from engine %s failed", type(msg).__name__, engine.endpoint)
 
     @staticmethod
     def _on_metrics(engine: EngineConnection, msg: EngineMetrics) -> None:
@@ -474,7 +478,8 @@ class EngineClient:
             for e in self.engines:
                 if e.status is not None and now - e.last_seen > e.timeout_s + lag:
                     if e.streams:
-                        log.error("engine at %s stopped answering; failing its %d request(s)", e.endpoint,
+                        log.error("engine at %s stopped answering (nothing from it for %.1f s; this loop ran "
+                                  "%.1f s late); failing its %d request(s)", e.endpoint, now - e.last_seen, lag,
                                   len(e.streams))
                         # Aborted too: should the engine come back, it stops them at once.
                         e.send(Abort(list(e.streams)))
