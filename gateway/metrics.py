@@ -185,10 +185,12 @@ class LoadCollector:
         """The routers' gauges: per model, over the engines serving it (the
         pod's truth as its first sample), then each engine's under
         `vllm_gateway:engine_*`."""
-        statuses = [e.status for e in engines if e.ready and e.status is not None and e.status.model]
-        models: dict[str, list[EngineStatus]] = {}
-        for st in statuses:
-            models.setdefault(st.model, []).append(st)
+        # Each ready engine's status, and its (running, waiting) with this gateway's own requests up to date.
+        rows = [(e.status, e.requests_now()) for e in engines if e.ready and e.status is not None and e.status.model]
+        statuses = [st for st, _ in rows]
+        models: dict[str, list[tuple[EngineStatus, tuple[int, int]]]] = {}
+        for st, now in rows:
+            models.setdefault(st.model, []).append((st, now))
         running = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
                                     labels=["model_name"])
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
@@ -200,14 +202,15 @@ class LoadCollector:
         lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                  labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
         for model, group in models.items():
-            running.add_metric([model], sum(st.running for st in group))
-            waiting.add_metric([model], sum(st.waiting for st in group))
-            blocks = sum(st.num_gpu_blocks for st in group)
-            usage = (sum(st.kv_cache_usage * st.num_gpu_blocks for st in group) / blocks if blocks
-                     else sum(st.kv_cache_usage for st in group) / len(group))
+            running.add_metric([model], sum(now[0] for _, now in group))
+            waiting.add_metric([model], sum(now[1] for _, now in group))
+            sts = [st for st, _ in group]
+            blocks = sum(st.num_gpu_blocks for st in sts)
+            usage = (sum(st.kv_cache_usage * st.num_gpu_blocks for st in sts) / blocks if blocks
+                     else sum(st.kv_cache_usage for st in sts) / len(sts))
             kv.add_metric([model], usage)
             if blocks:
-                cache.add_metric([model, str(group[0].block_size), str(blocks)], 1.0)
+                cache.add_metric([model, str(sts[0].block_size), str(blocks)], 1.0)
         if any(st.max_loras for st in statuses):
             lora.add_metric([str(max(st.max_loras for st in statuses)),
                              ",".join(sorted({a for st in statuses for a in st.waiting_lora_adapters})),
@@ -219,9 +222,9 @@ class LoadCollector:
                                       "vllm:num_requests_waiting of one engine.", labels=per_engine)
         e_kv = GaugeMetricFamily("vllm_gateway:engine_kv_cache_usage_perc", "vllm:kv_cache_usage_perc of one engine.",
                                  labels=per_engine)
-        for st in statuses:
-            e_running.add_metric([st.engine_id, st.model], st.running)
-            e_waiting.add_metric([st.engine_id, st.model], st.waiting)
+        for st, (r, w) in rows:
+            e_running.add_metric([st.engine_id, st.model], r)
+            e_waiting.add_metric([st.engine_id, st.model], w)
             e_kv.add_metric([st.engine_id, st.model], st.kv_cache_usage)
         yield from (running, waiting, kv, cache, lora, e_running, e_waiting, e_kv)
 

@@ -139,6 +139,19 @@ class EngineConnection:
         assert s is not None
         return max(0, s.running + s.waiting - s.in_engine) + self.generating
 
+    def requests_now(self) -> tuple[int, int]:
+        """Running and waiting as vLLM counts them (its latest report), with
+        what only this gateway knows since: its requests sent since wait (none
+        was scheduled as far as it knows), and those ended since are gone, off
+        running first (a finished request was running). A router reading a
+        scrape just after a burst sees the burst, not the report before it."""
+        s = self.status
+        assert s is not None
+        mine = self.generating
+        total = max(0, s.running + s.waiting - s.in_engine) + mine
+        waiting = min(total, s.waiting + max(0, mine - s.in_engine))
+        return total - waiting, waiting
+
     @property
     def kv_cache_usage(self) -> float:
         """Its KV cache's use as of its latest report: breaks ties of load, never

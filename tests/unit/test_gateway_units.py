@@ -265,6 +265,9 @@ def test_router_gauges_are_the_pods_first_then_each_engines():
         def __init__(self, status: EngineStatus) -> None:
             self.status, self.ready, self.endpoint, self.choices, self.metrics = status, True, "ipc://x", {}, None
 
+        def requests_now(self) -> tuple[int, int]:
+            return self.status.running, self.status.waiting
+
     def status(engine_id: str, running: int, waiting: int, kv: float, lora: list[str]) -> EngineStatus:
         return EngineStatus(engine_id, "i", "ready", model="m", running=running, waiting=waiting, kv_cache_usage=kv,
                             block_size=16, num_gpu_blocks=100 if engine_id == "0" else 300, max_loras=2,
@@ -286,3 +289,33 @@ def test_router_gauges_are_the_pods_first_then_each_engines():
     assert first["vllm:lora_requests_info"].labels["running_lora_adapters"] == "a,b"
     assert first["vllm:lora_requests_info"].labels["max_lora"] == "2"
     assert first["vllm_gateway:engine_requests_running"].labels == {"engine": "0", "model_name": "m"}
+
+
+def test_running_and_waiting_count_this_gateways_requests_since_the_report(tmp_path):
+    """An engine's report lags: requests this gateway sent since wait, those
+    that ended since are off running; other gateways' stay as reported."""
+    import zmq.asyncio
+
+    from vllm_gateway.gateway.engines.client import EngineConnection
+    from vllm_gateway.gateway.engines.streams import RequestStream
+
+    ctx = zmq.asyncio.Context()
+    engine = EngineConnection(f"ipc://{tmp_path}/nobody", ctx, 5.0)
+    try:
+        # 3 running, 1 waiting; 2 of the running are this gateway's
+        engine.status = EngineStatus("0", "i", "ready", "m", 64, running=3, waiting=1, in_engine=2,
+                                     protocol_version=PROTOCOL_VERSION)
+        mine = [RequestStream([f"r{i}"], 1, engine) for i in range(2)]
+        for i, s in enumerate(mine):
+            engine.streams[f"r{i}"] = s
+        assert engine.requests_now() == (3, 1) and engine.load == 4
+        for i in range(2, 5):  # a burst of 3 since the report
+            engine.streams[f"r{i}"] = RequestStream([f"r{i}"], 1, engine)
+        assert engine.requests_now() == (3, 4) and engine.load == 7
+        for i in range(5):  # all five of ours ended: the report's other two remain
+            engine.streams.pop(f"r{i}")
+        assert engine.requests_now() == (1, 1) and engine.load == 2
+    finally:
+        engine.sock.close(0)
+        engine.monitor.close(0)
+        ctx.term()
