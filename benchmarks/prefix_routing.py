@@ -18,6 +18,9 @@ ratios prefix / least_loaded per trial and their medians. Ends with one JSON lin
 Each phase also keeps a timeline (every second: each engine's running and waiting
 requests, KV cache use and the routing decisions so far, from /metrics), the
 placements over time that the totals hide.
+
+`--compare least_loaded least_loaded` runs one policy against itself (an A/A run):
+the spread of its ratios is what this machine's noise alone gives.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 import figures  # noqa: E402
 from load import random_prompt, run_load  # noqa: E402
 from procs import free_port, report, stop, wait_ready  # noqa: E402
+
+AGAIN = "_again"  # the second run's label when both runs of a trial use one policy (`--compare`)
 
 
 def cache_counters(base: str) -> tuple[float, float]:
@@ -148,7 +153,8 @@ def balance(timeline: list[dict]) -> dict:
     return {"seconds": seconds, "one_engine_idle": idle}
 
 
-def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict:
+def run(label: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict:
+    policy = label.removesuffix(AGAIN)
     port = free_port()
     env = dict(os.environ, NUM_ENGINES="2", ROUTING=policy, VLLM_CPU_KVCACHE_SPACE=str(a.kv_cache_gib),
                MAX_MODEL_LEN=str(a.max_model_len), LOG_LEVEL="WARNING", ENABLE_PREFIX_CACHING="1")
@@ -156,7 +162,7 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
         env["MODEL_NAME"] = a.model
     if a.max_num_batched_tokens:
         env["MAX_NUM_BATCHED_TOKENS"] = str(a.max_num_batched_tokens)
-    print(f"== {policy}: starting", file=sys.stderr)
+    print(f"== {label}: starting", file=sys.stderr)
     proc = subprocess.Popen([sys.executable, "-m", "vllm_gateway.gateway", "serve", "--port", str(port)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -177,14 +183,14 @@ def run(policy: str, a: argparse.Namespace, loads: dict[str, list[str]]) -> dict
             time.sleep(1.5)  # the engines report their counters once a second
             q1, h1 = cache_counters(base)
             summary["prefix_cache_hit_rate"] = round((h1 - h0) / (q1 - q0), 3) if q1 > q0 else 0.0
-            print(f"== {policy} / {name}: {summary['output_tokens_per_s']} output tok/s, TTFT p50 "
+            print(f"== {label} / {name}: {summary['output_tokens_per_s']} output tok/s, TTFT p50 "
                   f"{summary['ttft_median_s']} s, prefix cache hit rate {summary['prefix_cache_hit_rate']}, "
                   f"failures {summary['failures']}", file=sys.stderr)
             out[name] = {k: summary[k] for k in ("requests", "failures", "duration_s", "output_tokens_per_s",
                                                  "ttft_median_s", "ttft_p99_s", "itl_median_s", "prompt_tokens",
                                                  "prefix_cache_hit_rate", "ttft_by_kind", "balance", "timeline")}
             kinds = summary["ttft_by_kind"]
-            print(f"== {policy} / {name}: TTFT by kind " + ", ".join(
+            print(f"== {label} / {name}: TTFT by kind " + ", ".join(
                 f"{k}: n={v['n']} p50 {v['p50_s']} s, {v['over_1s']} over 1 s" for k, v in kinds.items())
                   + f"; one engine idle in {summary['balance']['one_engine_idle']} of {summary['balance']['seconds']} s",
                   file=sys.stderr)
@@ -209,33 +215,40 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=0,
                    help="vLLM's token budget per step (0: its default, 2048 on CPU): how long a miss's prefill holds a step")
     p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--compare", nargs=2, default=["prefix", "least_loaded"], metavar=("POLICY", "BASELINE"),
+                   help="the two policies, the ratios first over second; the same one twice is an A/A run: "
+                        "what the ratios spread when nothing differs")
     p.add_argument("--out", default="benchmarks/results/prefix_routing.json")
     a = p.parse_args()
 
+    first, second = a.compare
+    if first == second:
+        second += AGAIN
+    ratios_key = f"ratios_{first}_over_{second}"
     trials = []
     for i in range(a.trials):
         loads = workloads(a, seed=i)
-        order = ["prefix", "least_loaded"] if i % 2 == 0 else ["least_loaded", "prefix"]
-        runs = {policy: run(policy, a, loads) for policy in order}
+        order = [first, second] if i % 2 == 0 else [second, first]
+        runs = {label: run(label, a, loads) for label in order}
         ratios = {}
         for name in loads:
-            pr, ll = runs["prefix"][name], runs["least_loaded"][name]
+            pr, ll = runs[first][name], runs[second][name]
             ratios[name] = {
                 "ttft_p50_speedup": round(ll["ttft_median_s"] / pr["ttft_median_s"], 3) if pr["ttft_median_s"] else 0.0,
                 "output_tokens_per_s": round(pr["output_tokens_per_s"] / ll["output_tokens_per_s"], 3)
                 if ll["output_tokens_per_s"] else 0.0,
             }
-        trials.append({"order": order, "runs": runs, "ratios_prefix_over_least_loaded": ratios})
+        trials.append({"order": order, "runs": runs, ratios_key: ratios})
         print(f"== trial {i + 1}: {json.dumps(ratios)}", file=sys.stderr)
     medians = {
-        name: {k: statistics.median(t["ratios_prefix_over_least_loaded"][name][k] for t in trials)
-               for k in trials[0]["ratios_prefix_over_least_loaded"][name]}
-        for name in trials[0]["ratios_prefix_over_least_loaded"]
+        name: {k: statistics.median(t[ratios_key][name][k] for t in trials) for k in trials[0][ratios_key][name]}
+        for name in trials[0][ratios_key]
     }
-    results = {"trials": trials, "median_ratios_prefix_over_least_loaded": medians,
+    results = {"trials": trials, f"median_{ratios_key}": medians,
                "settings": {k: v for k, v in vars(a).items() if k != "out"}, "stamp": figures.stamp()}
     report(results, a.out)
-    figures.prefix_routing(results, str(Path(a.out).with_suffix(".png")))
+    if (first, second) == ("prefix", "least_loaded"):
+        figures.prefix_routing(results, str(Path(a.out).with_suffix(".png")))
 
 
 if __name__ == "__main__":
