@@ -135,9 +135,7 @@ class EngineConnection:
     def load(self) -> int:
         """Requests on the engine: other gateways' as of its latest report, and
         this gateway's now."""
-        s = self.status
-        assert s is not None
-        return max(0, s.running + s.waiting - s.in_engine) + self.generating
+        return sum(self.requests_now())
 
     def requests_now(self) -> tuple[int, int]:
         """Running and waiting as vLLM counts them (its latest report), with
